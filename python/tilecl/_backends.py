@@ -1,0 +1,94 @@
+"""Backend registry and ``backend="auto"`` selection (DESIGN.md, Backends).
+
+A tile backend is a module with ``forward(spec, q, k, alpha, bias, aux)`` and
+``backward(spec, q, k, alpha, bias, aux, stats, col, g_stats, g_col, needs)`` (see
+``_torch_tiled.py``) and ``unavailable(device) -> str | None`` (None when it can run there).
+``reference`` is not a tile backend: ``losses.py`` routes it to the dense oracle.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+NAMES = ("auto", "reference", "torch", "triton", "native")
+
+# tile backends and the module that implements each
+_MODULES = {
+    "torch": "tilecl._torch_tiled",
+    "triton": "tilecl._triton_backend",
+    "native": "tilecl._native_backend",
+}
+
+# Backends whose GPU path has a recorded passing GPU test run (bench/results/). "auto" never
+# picks a GPU path that is not listed here (DESIGN.md: "unverified on GPU").
+VERIFIED_ON_GPU: frozenset = frozenset()
+
+_cache: dict = {}
+
+
+def _load(name):
+    if name not in _cache:
+        try:
+            _cache[name] = importlib.import_module(_MODULES[name])
+        except ImportError as exc:  # the backend's dependencies are missing
+            _cache[name] = exc
+    return _cache[name]
+
+
+def get(name: str):
+    """The module of tile backend ``name`` (raises RuntimeError when it cannot be loaded)."""
+    mod = _load(name)
+    if isinstance(mod, Exception):
+        raise RuntimeError(f"tilecl backend {name!r} is not available: {mod}")
+    return mod
+
+
+def unavailable_reason(name: str, device: torch.device):
+    """None if backend ``name`` can run on ``device``, else a sentence saying why not."""
+    if name == "reference":
+        return None
+    mod = _load(name)
+    if isinstance(mod, Exception):
+        return f"it could not be imported ({mod})"
+    return mod.unavailable(device)
+
+
+def available_backends(device=None) -> list:
+    """Names of the backends that can run on ``device`` (default: cpu, plus cuda if present)."""
+    devices = [torch.device(device)] if device is not None else [torch.device("cpu")] + (
+        [torch.device("cuda")] if torch.cuda.is_available() else [])
+    names = ["reference"]
+    for name in _MODULES:
+        if any(unavailable_reason(name, d) is None for d in devices):
+            names.append(name)
+    return names
+
+
+def resolve(backend: str, device: torch.device) -> str:
+    """Turn the user's ``backend`` argument into a runnable backend name, or raise."""
+    if not isinstance(backend, str) or backend not in NAMES:
+        raise ValueError(f"backend must be one of {NAMES}, got {backend!r}")
+    if backend == "auto":
+        env = os.environ.get("TILECL_BACKEND", "").strip()
+        if env:
+            if env not in NAMES or env == "auto":
+                raise ValueError(f"TILECL_BACKEND must be one of {NAMES[1:]}, got {env!r}")
+            backend = env
+        else:
+            return _auto(device)
+    why = unavailable_reason(backend, device)
+    if why is not None:
+        raise RuntimeError(f"tilecl backend {backend!r} cannot run on {device}: {why}; "
+                           f"available here: {available_backends(device)}")
+    return backend
+
+
+def _auto(device: torch.device) -> str:
+    if device.type == "cuda":
+        for name in ("triton", "native"):
+            if name in VERIFIED_ON_GPU and unavailable_reason(name, device) is None:
+                return name
+    return "torch"

@@ -1,0 +1,244 @@
+"""The ``torch`` backend: the tile template of ``_spec.py`` in plain PyTorch, any device.
+
+Forward sweeps [BR, BC] tiles and keeps only the per-row statistics (plus the [M] column LSE of
+symmetric CLIP); backward recomputes each tile from q, k and the saved statistics, forms G_ij
+(math.md 1.2) and accumulates dq / dk in fp32 (math.md 1.3, 1.4). Extra memory is
+O((N + M) * D) for the fp32 gradient accumulators plus a handful of [BR, BC] fp32 tiles.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from ._spec import TileAux, TileSpec, empty_stats
+
+
+def _default_tile():
+    raw = os.environ.get("TILECL_TORCH_TILE", "512x1024")
+    rows, cols = raw.lower().split("x")
+    return int(rows), int(cols)
+
+
+TILE = list(_default_tile())
+
+
+def set_tile_size(rows: int, cols: int) -> tuple:
+    """Set the [rows, cols] tile of the torch backend; returns the previous one."""
+    if rows < 1 or cols < 1:
+        raise ValueError(f"tile sizes must be positive, got {rows}x{cols}")
+    old = tuple(TILE)
+    TILE[:] = [int(rows), int(cols)]
+    return old
+
+
+def compute_dtype(t):
+    """fp32 accumulation for fp32/fp16/bf16 inputs; float64 stays float64 (gradcheck)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _norms(spec, t):
+    return t.square().sum(1) if spec.logit == "dist" else None
+
+
+def _logits(spec, qI, kJ, aI, bias, nqI, nkJ):
+    """x [BR, BC] fp32 and the raw inner quantity (dot, or squared distance) for backward."""
+    dot = qI @ kJ.T  # [BR, D] @ [D, BC]
+    if spec.logit == "dot":
+        x = dot * aI[:, None]
+        if bias is not None:
+            x = x + bias
+        return x, dot
+    d2 = (nqI[:, None] + nkJ[None, :] - 2.0 * dot).clamp_min_(0.0)
+    base = d2 if spec.gamma == 2.0 else d2.pow(spec.gamma / 2.0)
+    return base * (-aI[:, None]), d2
+
+
+def _masks(spec: TileSpec, aux: TileAux, i0, i1, j0, j1, device):
+    """allowed [BR, BC] bool (None: every column allowed) and Y [BR, BC] bool (None: no positive)."""
+    cols = torch.arange(j0 + aux.col_offset, j1 + aux.col_offset, device=device)
+    allowed = None
+    if aux.excl is not None:
+        e = aux.excl[i0:i1]
+        lo, hi = j0 + aux.col_offset, j1 + aux.col_offset
+        if bool(((e >= lo) & (e < hi)).any()):
+            allowed = e[:, None] != cols[None, :]
+    y = None
+    if spec.positive == "index":
+        y = aux.pos[i0:i1, None] == cols[None, :]
+    elif spec.positive == "label":
+        y = aux.labels_q[i0:i1, None] == aux.labels_k[None, j0:j1]
+    if y is not None and allowed is not None:
+        y = y & allowed
+    return allowed, y
+
+
+def _weights(spec: TileSpec, aux: TileAux, i0, i1, j0, j1):
+    """w [BR, BC] fp32 (clipped) or None."""
+    if spec.weight == "dense":
+        mw = aux.weight.shape[1]
+        cols = torch.arange(j0 + aux.col_offset, j1 + aux.col_offset, device=aux.weight.device) % mw
+        w = aux.weight[i0:i1].index_select(1, cols)
+    elif spec.weight == "lowrank":
+        w = aux.wa[i0:i1] @ aux.wb[j0:j1].T  # [BR, r] @ [r, BC]
+    else:
+        return None
+    if spec.weight_clip > 0:
+        w = torch.where(w < spec.weight_clip, torch.zeros_like(w), w)
+    return w
+
+
+def _sum_mask(s, allowed, y):
+    """Mask of one accumulator's columns (None = all)."""
+    if s.cols == "all":
+        return allowed
+    m = y if s.cols == "pos" else ~y
+    return m if allowed is None or s.cols == "pos" else m & allowed
+
+
+def _sum_logits(s, x, mask, w):
+    """beta x + log w on the accumulator's columns, -inf elsewhere."""
+    z = x * s.beta if s.beta != 1.0 else x
+    if s.weighted:
+        z = z + torch.log(w)  # log 0 = -inf drops the column
+    if mask is not None:
+        z = z.masked_fill(~mask, float("-inf"))
+    return z
+
+
+def _softplus_terms(x, allowed, y):
+    """softplus(-(2Y - 1) x) = softplus(x) - Y x, summed over allowed columns (math.md 2.2)."""
+    t = F.softplus(x)
+    if y is not None:
+        t = t - torch.where(y, x, torch.zeros_like(x))
+    if allowed is not None:
+        t = t.masked_fill(~allowed, 0.0)
+    return t
+
+
+def _row_tiles(n):
+    return [(i0, min(i0 + TILE[0], n)) for i0 in range(0, n, TILE[0])]
+
+
+def _col_tiles(m):
+    return [(j0, min(j0 + TILE[1], m)) for j0 in range(0, m, TILE[1])]
+
+
+def forward(spec: TileSpec, q, k, alpha, bias, aux: TileAux):
+    """Per-row statistics [S, N] (fp32) and column LSE [M] (or None) of q against k."""
+    n, m = q.shape[0], k.shape[0]
+    dev = q.device
+    cdt = compute_dtype(q)
+    stats = empty_stats(spec, n, dev, cdt)
+    col = torch.full((m,), float("-inf"), device=dev, dtype=cdt) if spec.col_lse else None
+    a = alpha.to(cdt).expand(n) if alpha.dim() == 0 else alpha.to(cdt)
+    nq, nk = _norms(spec, q.to(cdt)), _norms(spec, k.to(cdt))
+    for i0, i1 in _row_tiles(n):
+        qI = q[i0:i1].to(cdt)
+        for j0, j1 in _col_tiles(m):
+            x, _ = _logits(spec, qI, k[j0:j1].to(cdt), a[i0:i1], bias,
+                           nq[i0:i1] if nq is not None else None,
+                           nk[j0:j1] if nk is not None else None)
+            allowed, y = _masks(spec, aux, i0, i1, j0, j1, dev)
+            w = _weights(spec, aux, i0, i1, j0, j1)
+            for r, s in enumerate(spec.sums):
+                z = _sum_logits(s, x, _sum_mask(s, allowed, y), w)
+                stats[r, i0:i1] = torch.logaddexp(stats[r, i0:i1], torch.logsumexp(z, 1))
+            if spec.lin:
+                stats[spec.i_lin, i0:i1] += torch.where(y, x, torch.zeros_like(x)).sum(1)
+                stats[spec.i_cnt, i0:i1] += y.sum(1)
+            if spec.sigmoid:
+                stats[spec.i_sig, i0:i1] += _softplus_terms(x, allowed, y).sum(1)
+            if col is not None:
+                xc = x if allowed is None else x.masked_fill(~allowed, float("-inf"))
+                col[j0:j1] = torch.logaddexp(col[j0:j1], torch.logsumexp(xc, 0))
+    return stats, col
+
+
+def _safe_lse(lse, g):
+    """Rows whose accumulator is empty (lse = -inf) have no gradient: zero g, finite lse."""
+    empty = torch.isneginf(lse)
+    return torch.where(empty, torch.zeros_like(lse), lse), torch.where(empty, torch.zeros_like(g), g)
+
+
+def _tile_grad(spec, x, allowed, y, w, stats_I, g_I, colstat_J):
+    """G [BR, BC] = dL/dx_ij for one tile (math.md 1.2, 2.1, 2.2)."""
+    G = torch.zeros_like(x)
+    for r, s in enumerate(spec.sums):
+        lse, g = stats_I[r]
+        if not bool(g.any()):
+            continue
+        z = _sum_logits(s, x, _sum_mask(s, allowed, y), w)
+        G += torch.exp(z - lse[:, None]) * (g * s.beta)[:, None]
+    if spec.lin:
+        G += torch.where(y, g_I[spec.i_lin][:, None], torch.zeros_like(x))
+    if spec.sigmoid:
+        p = torch.sigmoid(x)
+        if y is not None:
+            p = p - y.to(p.dtype)
+        if allowed is not None:
+            p = p.masked_fill(~allowed, 0.0)
+        G += p * g_I[spec.i_sig][:, None]
+    if colstat_J is not None:
+        lse_c, g_c = colstat_J
+        xc = x if allowed is None else x.masked_fill(~allowed, float("-inf"))
+        G += torch.exp(xc - lse_c[None, :]) * g_c[None, :]
+    return G
+
+
+def backward(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, g_stats, g_col,
+             needs=(True, True, True, True)):
+    """(dq, dk, dalpha, dbias) from dL/dstats [S, N] and dL/dcol [M] (math.md 1.2-1.5)."""
+    n, m = q.shape[0], k.shape[0]
+    dev = q.device
+    cdt = compute_dtype(q)
+    a = alpha.to(cdt).expand(n) if alpha.dim() == 0 else alpha.to(cdt)
+    nq, nk = _norms(spec, q.to(cdt)), _norms(spec, k.to(cdt))
+    lse_g = [_safe_lse(stats[r], g_stats[r]) for r in range(len(spec.sums))]
+    colg = _safe_lse(col, g_col) if spec.col_lse else None
+    dq = torch.zeros(n, q.shape[1], dtype=cdt, device=dev)
+    dk = torch.zeros(m, k.shape[1], dtype=cdt, device=dev)
+    gx = torch.zeros(n, dtype=cdt, device=dev)  # sum_j G_ij x_ij (distance logits)
+    db = torch.zeros((), dtype=cdt, device=dev)
+    for i0, i1 in _row_tiles(n):
+        qI = q[i0:i1].to(cdt)
+        stats_I = [(lse[i0:i1], g[i0:i1]) for lse, g in lse_g]
+        g_I = g_stats[:, i0:i1]
+        for j0, j1 in _col_tiles(m):
+            kJ = k[j0:j1].to(cdt)
+            aI = a[i0:i1]
+            x, inner = _logits(spec, qI, kJ, aI, bias,
+                               nq[i0:i1] if nq is not None else None,
+                               nk[j0:j1] if nk is not None else None)
+            allowed, y = _masks(spec, aux, i0, i1, j0, j1, dev)
+            w = _weights(spec, aux, i0, i1, j0, j1)
+            colstat_J = (colg[0][j0:j1], colg[1][j0:j1]) if colg is not None else None
+            G = _tile_grad(spec, x, allowed, y, w, stats_I, g_I, colstat_J)
+            if spec.sigmoid and bias is not None:
+                db += G.sum()
+            if spec.logit == "dot":
+                H = G * aI[:, None]  # dL/d<q_i, k_j>
+                dq[i0:i1] += H @ kJ  # [BR, BC] @ [BC, D]
+                dk[j0:j1] += H.T @ qI  # [BC, BR] @ [BR, D]
+            else:
+                # x = -a d2^(g/2): dL/dd2 = -a (g/2) d2^(g/2-1) G ; H = -2 dL/dd2 (math.md 1.4)
+                gx[i0:i1] += (G * x).sum(1)
+                fac = 2.0 * aI[:, None] if spec.gamma == 2.0 else (
+                    aI[:, None] * spec.gamma * inner.clamp_min(1e-30).pow(spec.gamma / 2.0 - 1.0))
+                H = G * fac
+                dq[i0:i1] += H @ kJ - H.sum(1)[:, None] * qI  # [BR, BC] @ [BC, D]
+                dk[j0:j1] += H.T @ qI - H.sum(0)[:, None] * kJ  # [BC, BR] @ [BR, D]
+    if spec.logit == "dot":
+        # dL/da_i = sum_j G_ij <q_i, k_j> = <q_i, dq_i> / a_i  (math.md 1.5)
+        da = (q.to(cdt) * dq).sum(1) / a
+    else:
+        da = gx / a  # dx/da = x / a
+    da = da.sum() if alpha.dim() == 0 else da
+    return dq, dk, da, (db if bias is not None else None)
+
+
+def unavailable(device) -> None:
+    """The torch backend runs wherever PyTorch does."""
+    return None

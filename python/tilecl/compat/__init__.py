@@ -1,0 +1,1 @@
+"""Drop-in classes matching open_clip, SupContrast and pytorch-metric-learning."""

@@ -1,0 +1,1 @@
+"""Triton kernels of tilecl (installed as tilecl.tritonops)."""
