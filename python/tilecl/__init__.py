@@ -1,6 +1,31 @@
-"""tilecl: tiled, fused contrastive losses that never materialize the N x M similarity matrix."""
+"""tilecl: tiled, fused contrastive losses that never materialize the N x M similarity matrix.
 
+Functional losses (``tilecl.info_nce``, ``clip_loss``, ``siglip_loss``, ``nt_xent``, ``supcon``,
+``dcl_loss``, ``hcl_loss``, ``debiased_loss``, ``cclk_loss``, ``kernel_info_nce``,
+``uniformity_loss``, ``decoupled_uniformity``), nn.Module wrappers, the dense oracle
+``tilecl.reference`` and ``available_backends()``.
+"""
+
+from . import reference
 from ._backends import available_backends
+from .losses import (
+    cclk_loss,
+    clip_loss,
+    dcl_loss,
+    debiased_loss,
+    decoupled_uniformity,
+    hcl_loss,
+    info_nce,
+    kernel_info_nce,
+    nt_xent,
+    siglip_loss,
+    supcon,
+    uniformity_loss,
+)
 
-__all__ = ["available_backends"]
+__all__ = [
+    "available_backends", "reference", "info_nce", "clip_loss", "siglip_loss", "nt_xent",
+    "supcon", "dcl_loss", "hcl_loss", "debiased_loss", "cclk_loss", "kernel_info_nce",
+    "uniformity_loss", "decoupled_uniformity",
+]
 __version__ = "0.1.0"

@@ -1,0 +1,131 @@
+"""Argument checks of the public API: every error names the argument and what was expected."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+REDUCTIONS = ("mean", "sum", "none")
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def features(t, name, *, dim=2, like=None, like_name=None, same_rows=False, same_cols=True):
+    """A floating [rows, D] (or [B, V, D] for dim=3) tensor, non-empty, matching ``like``."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOATS:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if t.dim() != dim:
+        shape = "[N, D]" if dim == 2 else "[B, V, D]"
+        raise ValueError(f"{name} must be {dim}-D {shape}, got shape {tuple(t.shape)}")
+    if t.shape[0] == 0 or t.shape[-1] == 0 or (dim == 3 and t.shape[1] == 0):
+        raise ValueError(f"{name} must be non-empty, got shape {tuple(t.shape)}")
+    if like is not None:
+        if t.device != like.device:
+            raise ValueError(f"{name} is on {t.device} but {like_name} is on {like.device}")
+        if t.dtype != like.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but {like_name} has {like.dtype}")
+        if same_cols and t.shape[-1] != like.shape[-1]:
+            raise ValueError(f"{name} has feature dimension {t.shape[-1]} but {like_name} has "
+                             f"{like.shape[-1]}")
+        if same_rows and t.shape[0] != like.shape[0]:
+            raise ValueError(f"{name} must have as many rows as {like_name} ({like.shape[0]}), "
+                             f"got {t.shape[0]}")
+    return t
+
+
+def compute_dtype(t):
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def positive_scalar(value, name, like):
+    """A float or 0-dim tensor > 0, as a 0-dim tensor in the compute dtype (grad preserved)."""
+    if isinstance(value, bool) or value is None:
+        raise TypeError(f"{name} must be a float or a 0-dim tensor, got {value!r}")
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dim() > 1:
+            raise ValueError(f"{name} must be a scalar (0-dim tensor), got shape {tuple(value.shape)}")
+        if not value.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
+        if value.device != like.device and value.device.type != "cpu":
+            raise ValueError(f"{name} is on {value.device} but the features are on {like.device}")
+        v = float(value.detach())
+        t = value.reshape(()).to(device=like.device, dtype=compute_dtype(like))
+    elif isinstance(value, (int, float)):
+        v = float(value)
+        t = torch.tensor(v, dtype=compute_dtype(like), device=like.device)
+    else:
+        raise TypeError(f"{name} must be a float or a 0-dim tensor, got {type(value).__name__}")
+    if not (v > 0 and math.isfinite(v)):
+        raise ValueError(f"{name} must be positive and finite, got {v}")
+    return t
+
+
+def real_scalar(value, name, like):
+    """A float or 0-dim tensor (any sign), as a 0-dim tensor in the compute dtype."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dim() > 1:
+            raise ValueError(f"{name} must be a scalar (0-dim tensor), got shape {tuple(value.shape)}")
+        if not value.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
+        return value.reshape(()).to(device=like.device, dtype=compute_dtype(like))
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be finite, got {value}")
+        return torch.tensor(float(value), dtype=compute_dtype(like), device=like.device)
+    raise TypeError(f"{name} must be a float or a 0-dim tensor, got {type(value).__name__}")
+
+
+def plain_positive(value, name):
+    """A positive finite Python number (hyper-parameters without gradient)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be positive and finite, got {value}")
+    return float(value)
+
+
+def scale(temperature, logit_scale, like, *, default_temperature=None):
+    """alpha from exactly one of temperature (alpha = 1 / temperature) and logit_scale."""
+    if temperature is not None and logit_scale is not None:
+        raise ValueError("give exactly one of temperature and logit_scale, not both")
+    if logit_scale is not None:
+        return positive_scalar(logit_scale, "logit_scale", like)
+    if temperature is None:
+        if default_temperature is None:
+            raise ValueError("give exactly one of temperature and logit_scale")
+        temperature = default_temperature
+    return 1.0 / positive_scalar(temperature, "temperature", like)
+
+
+def labels(t, name, n, like):
+    """An integer [n] tensor on the features' device."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of integers, got {type(t).__name__}")
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
+    if t.dim() != 1 or t.shape[0] != n:
+        raise ValueError(f"{name} must have shape [{n}], got {tuple(t.shape)}")
+    if t.device != like.device:
+        raise ValueError(f"{name} is on {t.device} but the features are on {like.device}")
+    return t.long()
+
+
+def index(t, name, n, upper, like):
+    """An integer [n] tensor with values in [0, upper)."""
+    t = labels(t, name, n, like)
+    if n and (int(t.min()) < 0 or int(t.max()) >= upper):
+        raise ValueError(f"{name} values must lie in [0, {upper}), got [{int(t.min())}, "
+                         f"{int(t.max())}]")
+    return t
+
+
+def choice(value, name, options):
+    if value not in options:
+        raise ValueError(f"{name} must be one of {options}, got {value!r}")
+    return value
+
+
+def reduction(value):
+    return choice(value, "reduction", REDUCTIONS)

@@ -1,0 +1,288 @@
+"""The loss family on the tile template: one TileSpec + an O(N) epilogue per loss.
+
+Each function builds the flags of the template (``_spec.py``) and the side data, asks
+``tile_stats`` for the per-row statistics (tiled, any backend, or the ring across ranks), and
+finishes with O(N) PyTorch code that autograd differentiates: positive logits as O(N d)
+gathers outside the tile loop (math.md 1.3, "take b_i Y_ij out of the tile loop"), clamps,
+reductions. Arguments are already checked by ``losses.py``; alpha is a tensor.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ._autograd import tile_stats
+from ._spec import SumSpec, TileAux, TileSpec
+
+ALL, NEG, POS = SumSpec("all"), SumSpec("neg"), SumSpec("pos")
+
+
+# ---- hooks shared with the ring exchange (distributed.py) --------------------------------------
+
+def _world(group) -> int:
+    if group is None:
+        return 1
+    import torch.distributed as dist
+
+    return dist.get_world_size(group)
+
+
+def _stats(spec, q, k, alpha, bias, aux, backend, group):
+    """Row statistics of the local rows against the (global) columns."""
+    if _world(group) > 1:
+        from . import distributed
+
+        return distributed.ring_tile_stats(spec, q, k, alpha, bias, aux, backend, group)
+    return tile_stats(spec, q, k, alpha, bias, aux, backend)
+
+
+def _col_offset(m_local: int, group) -> int:
+    """Global index of this rank's first column (columns are concatenated rank by rank)."""
+    if _world(group) > 1:
+        from . import distributed
+
+        return distributed.column_offset(m_local, group)
+    return 0
+
+
+def _reduce(rows, reduction, denom, group):
+    """'none' -> local rows; 'sum' / 'mean' -> the global sum (divided by the global denom)."""
+    if reduction == "none":
+        return rows
+    if _world(group) > 1:
+        from . import distributed
+
+        return distributed.reduce_rows(rows, reduction, denom, group)
+    total = rows.sum()
+    return total if reduction == "sum" else total / denom
+
+
+def _dot(a, b):
+    """Row-wise <a_i, b_i> in fp32 (float64 stays float64): the positive logits."""
+    dt = torch.float64 if a.dtype == torch.float64 else torch.float32
+    return (a.to(dt) * b.to(dt)).sum(1)
+
+
+def _arange(n, like, offset=0):
+    return torch.arange(offset, offset + n, device=like.device)
+
+
+# ---- InfoNCE / CLIP / SigLIP (math.md 2) -------------------------------------------------------
+
+def info_nce(query, key, alpha, positive_index, symmetric, reduction, backend, group):
+    n = query.shape[0]
+    off = _col_offset(key.shape[0], group)
+    pos = _arange(n, query) if positive_index is None else positive_index
+    spec = TileSpec(sums=(ALL,), col_lse=symmetric)
+    stats, col = _stats(spec, query, key, alpha, None, TileAux(col_offset=off), backend, group)
+    s_pos = alpha * _dot(query, key[pos - off] if positive_index is not None else key[:n])
+    rows = stats[0] - s_pos
+    if symmetric:  # (CE rows + CE columns) / 2 with the diagonal positive (math.md 2.1)
+        rows = (rows + col - s_pos) / 2
+    return _reduce(rows, reduction, n, group)
+
+
+def siglip(image, text, alpha, bias, labels, text_labels, reduction, backend, group):
+    n = image.shape[0]
+    off = _col_offset(text.shape[0], group)
+    if labels is None:
+        spec, aux = TileSpec(positive="index", sigmoid=True), TileAux(pos=_arange(n, image, off))
+    else:
+        tl = labels if text_labels is None else text_labels
+        spec, aux = TileSpec(positive="label", sigmoid=True), TileAux(labels_q=labels, labels_k=tl)
+    aux.col_offset = off
+    stats, _ = _stats(spec, image, text, alpha, bias, aux, backend, group)
+    return _reduce(stats[spec.i_sig], reduction, n, group)
+
+
+# ---- single-set losses over [z1; z2] (math.md 3, 7, 8) ------------------------------------------
+
+def _two_view(z1, z2, group):
+    """z = [z1; z2], the global index of each row (self) and of its positive (i <-> i + B)."""
+    z = torch.cat([z1, z2])
+    b = z1.shape[0]
+    off = _col_offset(2 * b, group)
+    self_idx = _arange(2 * b, z, off)
+    pos = torch.cat([self_idx[b:], self_idx[:b]])
+    return z, self_idx, pos, off
+
+
+def nt_xent(z1, z2, alpha, convention, reduction, backend, group):
+    z, self_idx, pos, off = _two_view(z1, z2, group)
+    spec = TileSpec(sums=(ALL,))
+    stats, _ = _stats(spec, z, z, alpha, None, TileAux(excl=self_idx, col_offset=off), backend, group)
+    rows = stats[0] - alpha * _dot(z, z.roll(z1.shape[0], 0))
+    denom = _global_count(z.shape[0], group)
+    return _reduce(rows, reduction, denom // 2 if convention == "simclr_tf" else denom, group)
+
+
+def _global_count(n_local, group):
+    if _world(group) > 1:
+        from . import distributed
+
+        return distributed.global_count(n_local, group)
+    return n_local
+
+
+def dcl(z1, z2, alpha, weighted, sigma, reduction, backend, group):
+    z, self_idx, pos, off = _two_view(z1, z2, group)
+    spec = TileSpec(positive="index", sums=(NEG,))
+    aux = TileAux(excl=self_idx, pos=pos, col_offset=off)
+    stats, _ = _stats(spec, z, z, alpha, None, aux, backend, group)
+    s_pos = alpha * _dot(z, z.roll(z1.shape[0], 0))
+    w = torch.ones_like(s_pos)
+    if weighted:  # DCLW: w_i = 2 - B softmax_k(<z_k, z'_k> / sigma)_i, detached (math.md 8.1)
+        u = _dot(z1, z2).detach() / sigma
+        w = (2 - z1.shape[0] * torch.softmax(u, 0)).repeat(2).to(s_pos.dtype)
+    return _reduce(stats[0] - w * s_pos, reduction, _global_count(z.shape[0], group), group)
+
+
+def hard_negative(z1, z2, alpha, tau_plus, beta, reduction, backend, group):
+    """HCL (beta > 0, math.md 8.2) and debiased (beta = 0, 8.3), in log space."""
+    z, self_idx, pos, off = _two_view(z1, z2, group)
+    sums = (SumSpec("neg", 1.0 + beta), SumSpec("neg", beta)) if beta > 0 else (NEG,)
+    spec = TileSpec(positive="index", sums=sums)
+    aux = TileAux(excl=self_idx, pos=pos, col_offset=off)
+    stats, _ = _stats(spec, z, z, alpha, None, aux, backend, group)
+    n2 = _global_count(z.shape[0], group)
+    n_neg = n2 - 2
+    s_pos = alpha * _dot(z, z.roll(z1.shape[0], 0))
+    # log reweight_i = log(sum_j imp_ij neg_ij / mean_j imp_ij) = log N_n + lseA - lseB
+    log_rw = math.log(n_neg) + stats[0] - stats[1] if beta > 0 else stats[0]
+    # Ng_i = max((reweight_i - tau+ N_n pos_i) / (1 - tau+), N_n e^(-1/T))
+    d = math.log(tau_plus * n_neg) + s_pos - log_rw if tau_plus > 0 else torch.full_like(
+        s_pos, float("-inf"))
+    ok = d < 0
+    safe = torch.where(ok, d, torch.full_like(d, -1.0))
+    log_diff = torch.where(ok, log_rw + torch.log1p(-torch.exp(safe)), torch.full_like(d, float("-inf")))
+    log_floor = (math.log(n_neg) - alpha).to(d.dtype)  # log(N_n e^(-1/T)), alpha = 1/T
+    log_ng = torch.maximum(log_diff - math.log(1.0 - tau_plus), log_floor)
+    rows = torch.logaddexp(s_pos, log_ng) - s_pos  # -log(pos / (pos + Ng))
+    return _reduce(rows, reduction, n2, group)
+
+
+def kernel_info_nce(z1, z2, alpha, gamma, eps, reduction, backend, group):
+    """math.md 7.2: x_ij = -||z_i - z_j||^gamma / T, self excluded, eps as in gamma_loss."""
+    z, self_idx, _, off = _two_view(z1, z2, group)
+    spec = TileSpec(logit="dist", gamma=float(gamma), sums=(ALL,))
+    stats, _ = _stats(spec, z, z, alpha, None, TileAux(excl=self_idx, col_offset=off), backend, group)
+    log_eps = math.log(eps)
+    # log(clamp(neg, min=eps) + eps)
+    log_den = torch.logaddexp(stats[0].clamp_min(log_eps), torch.full_like(stats[0], log_eps))
+    dt = stats.dtype
+    x_pos = -alpha * (z1.to(dt) - z2.to(dt)).norm(dim=1).pow(gamma)  # from the difference
+    return _reduce(log_den - x_pos.repeat(2), reduction, _global_count(z.shape[0], group), group)
+
+
+# ---- SupCon (math.md 4) ----------------------------------------------------------------------
+
+def supcon(features, labels, alpha, factor, contrast_mode, variant, reduction, backend, group):
+    bsz, views = features.shape[:2]
+    z = torch.cat(torch.unbind(features, 1))  # [V*B, D], view-major
+    off = _col_offset(z.shape[0], group)
+    lab = (_arange(bsz, z, off) if labels is None else labels).repeat(views)
+    a = bsz if contrast_mode == "one" else bsz * views
+    sums = (ALL,) if variant == "out" else (ALL, POS)
+    spec = TileSpec(positive="label", sums=sums, lin=variant == "out")
+    aux = TileAux(excl=_arange(a, z, off), labels_q=lab[:a], labels_k=lab, col_offset=off)
+    stats, _ = _stats(spec, z[:a], z, alpha, None, aux, backend, group)
+    if variant == "out":
+        cnt = stats[spec.i_cnt].detach()
+        rows = stats[0] - stats[spec.i_lin] / cnt.clamp_min(1)
+    else:
+        cnt = _label_count(lab[:a], lab, group)
+        rows = stats[0] - stats[1] + torch.log(cnt.clamp_min(1).to(stats.dtype))
+    rows = factor * torch.where(cnt > 0, rows, torch.zeros_like(rows))
+    return _reduce(rows, reduction, _global_count(a, group), group)
+
+
+def _label_count(labels_q, labels_k, group):
+    """|P(i)| = number of columns with the anchor's label, minus itself (O(N log N))."""
+    if _world(group) > 1:
+        from . import distributed
+
+        labels_k = distributed.all_gather_1d(labels_k, group)
+    uniq, inv = torch.unique(labels_k, return_inverse=True)
+    hist = torch.bincount(inv, minlength=uniq.numel())
+    idx = torch.searchsorted(uniq, labels_q).clamp_max(uniq.numel() - 1)
+    return torch.where(uniq[idx] == labels_q, hist[idx], torch.zeros_like(idx)) - 1
+
+
+# ---- CCL-K (math.md 5) ----------------------------------------------------------------------
+
+def cclk(z1, z2, alpha, weights, factors, mode, reduction, backend, group):
+    """Per direction: rows z_a vs columns [z_b; z_a], self excluded, weight w_ij = W_{j mod B, i}.
+
+    The positive column carries W_ii = 0, so the weighted sum runs over "neg" columns, which is
+    exact for dense W and zeroes the diagonal of a low-rank W in-tile (math.md 5.3).
+    """
+    b = z1.shape[0]
+    wsum = SumSpec("neg", weighted=True)
+    sums = (wsum,) if mode == "hardneg" else (wsum, ALL)
+    kind = "dense" if weights is not None else "lowrank"
+    spec = TileSpec(positive="index", sums=sums, weight=kind, weight_clip=1e-6)
+    lo, hi = math.log(1e-7), math.log(1e20)
+    rows = []
+    for d, (za, zb) in enumerate(((z1, z2), (z2, z1))):
+        cols = torch.cat([zb, za])
+        if weights is not None:
+            aux = TileAux(weight=weights[d].T)
+        else:
+            fa, fb = factors[d]
+            aux = TileAux(wa=fa, wb=torch.cat([fb, fb]))
+        aux.excl, aux.pos = _arange(b, za, b), _arange(b, za)
+        stats, _ = _stats(spec, za, cols, alpha, None, aux, backend, None)
+        s_pos = alpha * _dot(za, zb)
+        if mode == "hardneg":
+            log_d = torch.logaddexp(s_pos, math.log(b - 1) + stats[0] if b > 1 else
+                                    torch.full_like(s_pos, float("-inf")))
+            rows.append(log_d.clamp(lo, hi) - s_pos)
+        else:
+            log_pn = stats[0].clamp(lo, hi)
+            rows.append(torch.logaddexp(log_pn, stats[1]).clamp(lo, hi) - log_pn)
+    return _reduce(torch.cat(rows), reduction, 2 * b, None)
+
+
+def cclk_factors(conditions, lam):
+    """Low-rank CCL-K weights for the cosine kernel (math.md 5.3): W_ij = u_i^T C u_j (i != j),
+    C = (lam I + U^T U)^-1, U the normalized conditions. Returns (row factors U C, column U)."""
+    u = F.normalize(conditions.double(), dim=1)
+    c = torch.linalg.inv(lam * torch.eye(u.shape[1], dtype=u.dtype, device=u.device) + u.T @ u)
+    return (u @ c).to(conditions.dtype), u.to(conditions.dtype)
+
+
+# ---- uniformity (math.md 6) ---------------------------------------------------------------
+
+def uniformity(x, alpha, backend, group):
+    """log mean_{i<j} exp(-t |x_i - x_j|^2) = LSE_i(lse_i) - log(N (N - 1))  (math.md 6.3)."""
+    n = x.shape[0]
+    off = _col_offset(n, group)
+    spec = TileSpec(logit="dist", gamma=2.0, sums=(ALL,))
+    stats, _ = _stats(spec, x, x, alpha, None, TileAux(excl=_arange(n, x, off), col_offset=off),
+                      backend, group)
+    lse = stats[0]
+    if _world(group) > 1:
+        from . import distributed
+
+        total = distributed.logsumexp_all(lse, group)
+    else:
+        total = torch.logsumexp(lse, 0)
+    ng = _global_count(n, group)
+    return total - math.log(ng * (ng - 1))
+
+
+def prior_apply(mu, prior, kernel, sigma, lam):
+    """mu <- alpha mu with alpha = (K + lam I)^-1 K (math.md 6.1, no gradient through alpha).
+
+    cosine: low rank, alpha mu = U (lam I + U^T U)^-1 U^T mu in O(B r d); rbf: dense B x B solve.
+    """
+    if kernel == "cosine":
+        u = F.normalize(prior.detach().double(), dim=1)
+        c = lam * torch.eye(u.shape[1], dtype=u.dtype, device=u.device) + u.T @ u
+        return u.to(mu.dtype) @ torch.linalg.solve(c, u.T @ mu.double()).to(mu.dtype)
+    from .reference import prior_weights
+
+    return prior_weights(prior, kernel=kernel, sigma=sigma, lam=lam).to(mu.dtype) @ mu

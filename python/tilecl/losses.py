@@ -1,0 +1,363 @@
+"""Public functional losses: argument checks (``_checks.py``), then the dense reference or the
+tiled family (``_family.py``) on the chosen backend.
+
+Shapes: ``[N, D]`` embeddings (``[B, V, D]`` for SupCon and decoupled uniformity); any float
+dtype; the loss is fp32 for fp16/bf16 inputs (float64 for float64). ``temperature`` tau and
+``logit_scale`` alpha are both accepted where the official code uses one or the other:
+logits are ``alpha <q, k>`` with ``alpha = 1 / tau``; either may be a float or a 0-dim tensor,
+and gradient flows to a tensor that requires it. ``reduction`` is "mean" (the official
+normalization), "sum" or "none" (per-anchor terms). ``backend`` is "auto", "reference",
+"torch", "triton" or "native" (``TILECL_BACKEND`` overrides "auto"). ``group`` is a
+torch.distributed process group for the ring exchange (None: single process).
+"""
+
+from __future__ import annotations
+
+from . import _backends, _family, reference
+from . import _checks as C
+
+
+def _route(backend, device, group):
+    name = _backends.resolve(backend, device)
+    if group is not None:
+        import torch.distributed as dist
+
+        if not dist.is_available() or not dist.is_initialized():
+            raise ValueError("group was given but torch.distributed is not initialized")
+        if name == "reference" and dist.get_world_size(group) > 1:
+            raise ValueError("backend='reference' is single-process: it cannot take group=")
+    return name
+
+
+def _pair(a, a_name, b, b_name, *, same_rows):
+    C.features(a, a_name)
+    C.features(b, b_name, like=a, like_name=a_name, same_rows=same_rows)
+
+
+def info_nce(query, key, *, temperature=None, logit_scale=None, positive_index=None,
+             symmetric=False, reduction="mean", backend="auto", group=None):
+    """InfoNCE with one positive per row (math.md 2.1).
+
+    query: [N, D], key: [M, D] with M >= N; row i's positive is key[positive_index[i]]
+    (default key[i]); the other keys, extra rows beyond N included, are negatives.
+    ``symmetric=True`` (N == M) is the CLIP loss: the mean of both directions.
+
+    Example::
+
+        loss = tilecl.info_nce(q, k, temperature=0.07)            # q, k: [N, D]
+    """
+    _pair(query, "query", key, "key", same_rows=False)
+    n, m = query.shape[0], key.shape[0]
+    alpha = C.scale(temperature, logit_scale, query)
+    if positive_index is None:
+        if m < n:
+            raise ValueError(f"key must have at least as many rows as query ({n}) when "
+                             f"positive_index is None, got {m}")
+    else:
+        positive_index = C.index(positive_index, "positive_index", n, m, query)
+    if symmetric:
+        if m != n:
+            raise ValueError(f"symmetric=True needs key with as many rows as query ({n}), got {m}")
+        if positive_index is not None:
+            raise ValueError("symmetric=True uses the diagonal positives: positive_index must be None")
+    C.reduction(reduction)
+    name = _route(backend, query.device, group)
+    if name == "reference":
+        return reference.info_nce(query, key, logit_scale=alpha, positive_index=positive_index,
+                                  symmetric=symmetric, reduction=reduction)
+    return _family.info_nce(query, key, alpha, positive_index, symmetric, reduction, name, group)
+
+
+def clip_loss(image_features, text_features, logit_scale, *, reduction="mean", backend="auto",
+              group=None):
+    """open_clip ``ClipLoss``: (CE(alpha I T^T) + CE(alpha T I^T)) / 2 with the diagonal as
+    labels. ``logit_scale`` is already exponentiated (``model.logit_scale.exp()``).
+
+    Example::
+
+        loss = tilecl.clip_loss(img, txt, model.logit_scale.exp())   # img, txt: [N, D]
+    """
+    _pair(image_features, "image_features", text_features, "text_features", same_rows=True)
+    return info_nce(image_features, text_features, logit_scale=logit_scale, symmetric=True,
+                    reduction=reduction, backend=backend, group=group)
+
+
+def siglip_loss(image_features, text_features, logit_scale, logit_bias, *, labels=None,
+                text_labels=None, reduction="mean", backend="auto", group=None):
+    """SigLIP (big_vision / open_clip ``SigLipLoss``): -sum_j log sigmoid(y_ij s_ij) / N with
+    s = logit_scale <x_i, u_j> + logit_bias, y = +1 on positives, -1 elsewhere (math.md 2.2).
+
+    image_features [N, D], text_features [M, D]. Positives: the diagonal j == i by default, or
+    equal group ids ``labels`` [N] vs ``text_labels`` [M] (default: ``labels``, N == M).
+    logit_scale is exponentiated (big_vision's exp(t')); logit_bias is b.
+
+    Example::
+
+        loss = tilecl.siglip_loss(img, txt, t_prime.exp(), bias)
+    """
+    _pair(image_features, "image_features", text_features, "text_features", same_rows=False)
+    n, m = image_features.shape[0], text_features.shape[0]
+    alpha = C.positive_scalar(logit_scale, "logit_scale", image_features)
+    bias = C.real_scalar(logit_bias, "logit_bias", image_features)
+    if labels is not None:
+        labels = C.labels(labels, "labels", n, image_features)
+        if text_labels is None and m != n:
+            raise ValueError(f"text_labels [{m}] are needed when text_features has {m} rows and "
+                             f"image_features {n}")
+    if text_labels is not None:
+        if labels is None:
+            raise ValueError("text_labels needs labels as well")
+        text_labels = C.labels(text_labels, "text_labels", m, image_features)
+    C.reduction(reduction)
+    name = _route(backend, image_features.device, group)
+    if name == "reference":
+        return reference.siglip_loss(image_features, text_features, alpha, bias, labels=labels,
+                                     text_labels=text_labels, reduction=reduction)
+    return _family.siglip(image_features, text_features, alpha, bias, labels, text_labels,
+                          reduction, name, group)
+
+
+def _two_views(z1, z2, min_rows=1):
+    _pair(z1, "z1", z2, "z2", same_rows=True)
+    if z1.shape[0] < min_rows:
+        raise ValueError(f"this loss needs at least {min_rows} samples per view (negatives), "
+                         f"got {z1.shape[0]}")
+
+
+def nt_xent(z1, z2, *, temperature=0.5, convention="pytorch", reduction="mean", backend="auto",
+            group=None):
+    """SimCLR NT-Xent over the 2N anchors of [z1; z2], self excluded, positive i <-> i + N
+    (math.md 3). convention "pytorch": mean over 2N anchors (lightly, SupContrast, PML);
+    "simclr_tf": loss_a + loss_b (google-research/simclr), twice that.
+
+    Example::
+
+        loss = tilecl.nt_xent(F.normalize(h1, dim=1), F.normalize(h2, dim=1), temperature=0.5)
+    """
+    _two_views(z1, z2)
+    alpha = C.scale(temperature, None, z1)
+    C.choice(convention, "convention", ("pytorch", "simclr_tf"))
+    C.reduction(reduction)
+    name = _route(backend, z1.device, group)
+    if name == "reference":
+        return reference.nt_xent(z1, z2, temperature=1 / alpha, convention=convention,
+                                 reduction=reduction)
+    return _family.nt_xent(z1, z2, alpha, convention, reduction, name, group)
+
+
+def supcon(features, labels=None, *, temperature=0.07, base_temperature=0.07, contrast_mode="all",
+           variant="out", scale=None, reduction="mean", backend="auto", group=None):
+    """Supervised contrastive loss (Khosla et al.), SupContrast layout (math.md 4).
+
+    features: [B, V, D] (normalize them yourself, as SupContrast expects); labels: [B] int or
+    None (then each sample is its own class: SimCLR). contrast_mode "all" (every view anchors)
+    or "one" (view 0 anchors). variant "out" = L_out (HobbitLong; an anchor without positives
+    contributes 0 and counts in the mean), "in" = L_in (google-research, denominator ALL).
+    scale: "base" -> x temperature / base_temperature (HobbitLong), "tau" -> x temperature
+    (google-research), "none"; None = "base" for "out", "tau" for "in".
+
+    Example::
+
+        loss = tilecl.supcon(torch.stack([v1, v2], 1), y, temperature=0.1)
+    """
+    C.features(features, "features", dim=3)
+    bsz = features.shape[0]
+    if labels is not None:
+        labels = C.labels(labels, "labels", bsz, features)
+    tau = C.positive_scalar(temperature, "temperature", features)
+    base = C.plain_positive(base_temperature, "base_temperature")
+    C.choice(contrast_mode, "contrast_mode", ("all", "one"))
+    C.choice(variant, "variant", ("out", "in"))
+    kind = C.choice(scale, "scale", (None, "base", "tau", "none")) or (
+        "base" if variant == "out" else "tau")
+    C.reduction(reduction)
+    name = _route(backend, features.device, group)
+    if name == "reference":
+        return reference.supcon(features, labels, temperature=tau, base_temperature=base,
+                                contrast_mode=contrast_mode, variant=variant, scale=kind,
+                                reduction=reduction)
+    factor = {"base": tau / base, "tau": tau, "none": 1.0}[kind]
+    return _family.supcon(features, labels, 1.0 / tau, factor, contrast_mode, variant, reduction,
+                          name, group)
+
+
+def _normalized(z1, z2, normalize):
+    if not normalize:
+        return z1, z2
+    import torch.nn.functional as F
+
+    return F.normalize(z1, dim=1), F.normalize(z2, dim=1)
+
+
+def dcl_loss(z1, z2, *, temperature=0.1, weighted=False, sigma=0.5, normalize=False,
+             reduction="mean", backend="auto", group=None):
+    """Decoupled contrastive loss DCL / DCLW (Yeh et al.; lightly >= 1.5.21 convention):
+    the positive is removed from the denominator, mean over the 2B anchors of both views
+    (math.md 8.1). weighted=True: DCLW, positive weight 2 - B softmax(<z1_k, z2_k> / sigma).
+    normalize=True L2-normalizes the inputs first, as lightly's DCLLoss does.
+    """
+    _two_views(z1, z2, min_rows=2)
+    alpha = C.scale(temperature, None, z1)
+    sigma = C.plain_positive(sigma, "sigma")
+    C.reduction(reduction)
+    z1, z2 = _normalized(z1, z2, normalize)
+    name = _route(backend, z1.device, group)
+    if name == "reference":
+        return reference.dcl_loss(z1, z2, temperature=1 / alpha, weighted=weighted, sigma=sigma,
+                                  reduction=reduction)
+    return _family.dcl(z1, z2, alpha, weighted, sigma, reduction, name, group)
+
+
+def _tau_plus(tau_plus):
+    if isinstance(tau_plus, bool) or not isinstance(tau_plus, (int, float)) or not (
+            0 <= tau_plus < 1):
+        raise ValueError(f"tau_plus must be a float in [0, 1), got {tau_plus!r}")
+    return float(tau_plus)
+
+
+def hcl_loss(z1, z2, *, temperature=0.5, tau_plus=0.1, beta=1.0, reduction="mean",
+             backend="auto", group=None):
+    """Hard-negative contrastive loss (Robinson et al., joshr17/HCL): importance weights
+    exp(beta s) on the negatives (not detached), debiasing with class prior tau_plus, floor
+    N_n e^(-1/T); mean over the 2B anchors (math.md 8.2). Pass normalized embeddings.
+    """
+    _two_views(z1, z2, min_rows=2)
+    alpha = C.scale(temperature, None, z1)
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or beta < 0:
+        raise ValueError(f"beta must be a float >= 0, got {beta!r}")
+    return _hard_negative(z1, z2, alpha, _tau_plus(tau_plus), float(beta), reduction, backend, group)
+
+
+def debiased_loss(z1, z2, *, temperature=0.5, tau_plus=0.1, reduction="mean", backend="auto",
+                  group=None):
+    """Debiased contrastive loss (Chuang et al., chingyaoc/DCL): HCL with beta = 0
+    (math.md 8.3). Pass normalized embeddings."""
+    _two_views(z1, z2, min_rows=2)
+    alpha = C.scale(temperature, None, z1)
+    return _hard_negative(z1, z2, alpha, _tau_plus(tau_plus), 0.0, reduction, backend, group)
+
+
+def _hard_negative(z1, z2, alpha, tau_plus, beta, reduction, backend, group):
+    C.reduction(reduction)
+    name = _route(backend, z1.device, group)
+    if name == "reference":
+        if beta > 0:
+            return reference.hcl_loss(z1, z2, temperature=1 / alpha, tau_plus=tau_plus, beta=beta,
+                                      reduction=reduction)
+        return reference.debiased_loss(z1, z2, temperature=1 / alpha, tau_plus=tau_plus,
+                                       reduction=reduction)
+    return _family.hard_negative(z1, z2, alpha, tau_plus, beta, reduction, name, group)
+
+
+def kernel_info_nce(z1, z2, *, temperature=0.5, gamma=2.0, eps=1e-6, reduction="mean",
+                    backend="auto", group=None):
+    """Kernel-InfoNCE (Tan et al., yifanzhang-pro/Kernel-InfoNCE ``gamma_loss``): logits
+    -||z_i - z_j||^gamma / T over [z1; z2], self excluded, positive kept in the denominator,
+    -log(pos / (clamp(neg, eps) + eps)), mean over 2B (math.md 7)."""
+    _two_views(z1, z2)
+    alpha = C.scale(temperature, None, z1)
+    gamma = C.plain_positive(gamma, "gamma")
+    eps = C.plain_positive(eps, "eps")
+    C.reduction(reduction)
+    name = _route(backend, z1.device, group)
+    if name == "reference":
+        return reference.kernel_info_nce(z1, z2, temperature=1 / alpha, gamma=gamma, eps=eps,
+                                         reduction=reduction)
+    return _family.kernel_info_nce(z1, z2, alpha, gamma, eps, reduction, name, group)
+
+
+def cclk_loss(z1, z2, weight_x=None, weight_y=None, *, conditions=None, lam=0.1, temperature=0.5,
+              mode="hardneg", normalize=False, reduction="mean", backend="auto"):
+    """Conditional contrastive learning with kernel, CCL-K (Tsai et al., Crazy-Jack/CCLK-release),
+    math.md 5: a cosine critic over [z2 | z1] columns with conditional weights W.
+
+    Weights, either way: ``weight_x`` / ``weight_y`` [B, B] dense W = clip((K_Z + lam I)^-1 K_Z)
+    for each view (any kernel; see ``tilecl.reference.cclk_weights``; B^2 memory), or
+    ``conditions`` = (c_x [B, r], c_y [B, r]) for the cosine kernel, whose W is low rank and
+    formed in-tile from factors (O(B r) memory). mode "hardneg" (Hard-negative / Fair CCL-K) or
+    "weaklysup". normalize=True L2-normalizes z1, z2 first, as the official critic does.
+    reduction "none" gives [2B] terms: view-1 anchors, then view-2 anchors.
+    """
+    _two_views(z1, z2)
+    b = z1.shape[0]
+    alpha = C.scale(temperature, None, z1)
+    C.choice(mode, "mode", ("hardneg", "weaklysup"))
+    C.reduction(reduction)
+    if (weight_x is None) != (weight_y is None):
+        raise ValueError("give both weight_x and weight_y, or neither")
+    if (weight_x is None) == (conditions is None):
+        raise ValueError("give exactly one of (weight_x, weight_y) and conditions")
+    z1, z2 = _normalized(z1, z2, normalize)
+    name = _route(backend, z1.device, None)
+    if weight_x is not None:
+        for w, wn in ((weight_x, "weight_x"), (weight_y, "weight_y")):
+            C.features(w, wn)
+            if tuple(w.shape) != (b, b):
+                raise ValueError(f"{wn} must have shape [{b}, {b}], got {tuple(w.shape)}")
+            if w.device != z1.device:
+                raise ValueError(f"{wn} is on {w.device} but z1 is on {z1.device}")
+        weights = (weight_x.detach().to(z1.dtype), weight_y.detach().to(z1.dtype))
+        if name == "reference":
+            return reference.cclk_loss(z1, z2, *weights, temperature=1 / alpha, mode=mode,
+                                       reduction=reduction)
+        return _family.cclk(z1, z2, alpha, weights, None, mode, reduction, name, None)
+    if not isinstance(conditions, (tuple, list)) or len(conditions) != 2:
+        raise TypeError("conditions must be a pair (c_x [B, r], c_y [B, r])")
+    for c, cn in zip(conditions, ("conditions[0]", "conditions[1]")):
+        C.features(c, cn)
+        if c.shape[0] != b or c.device != z1.device:
+            raise ValueError(f"{cn} must be [{b}, r] on {z1.device}, got {tuple(c.shape)} on "
+                             f"{c.device}")
+    lam = C.plain_positive(lam, "lam")
+    if name == "reference":
+        wx, wy = (reference.cclk_weights(c.detach(), lam=lam) for c in conditions)
+        return reference.cclk_loss(z1, z2, wx.to(z1.dtype), wy.to(z1.dtype),
+                                   temperature=1 / alpha, mode=mode, reduction=reduction)
+    factors = [_family.cclk_factors(c.detach().to(z1.dtype), lam) for c in conditions]
+    return _family.cclk(z1, z2, alpha, None, factors, mode, reduction, name, None)
+
+
+def uniformity_loss(x, *, t=2.0, backend="auto", group=None):
+    """Uniformity (Wang & Isola, ssnl/align_uniform): log mean_{i<j} exp(-t ||x_i - x_j||^2)
+    over the rows of x [N, D] (N >= 2), math.md 6.2. t: float or 0-dim tensor > 0."""
+    C.features(x, "x")
+    if x.shape[0] < 2:
+        raise ValueError(f"x needs at least 2 rows (pairs), got {x.shape[0]}")
+    alpha = C.positive_scalar(t, "t", x)
+    name = _route(backend, x.device, group)
+    if name == "reference":
+        return reference.uniformity_loss(x, t=alpha)
+    return _family.uniformity(x, alpha, name, group)
+
+
+def decoupled_uniformity(z, prior=None, *, t=2.0, kernel="rbf", sigma=1.0, lam=0.01,
+                         backend="auto", group=None):
+    """Decoupled uniformity (Dufumier et al., Duplums/contrastive-decoupled-uniformity), math.md 6.1:
+    centroids mu_i = mean_v normalize(z_iv) of z [B, V, D]; with ``prior`` [B, p] the centroids
+    become alpha mu, alpha = (K + lam I)^-1 K (kernel "rbf" with sigma: dense B x B solve;
+    "cosine": low rank, O(B p)); then uniformity with t."""
+    import torch.nn.functional as F
+
+    C.features(z, "z", dim=3)
+    if z.shape[0] < 2:
+        raise ValueError(f"z needs at least 2 samples, got {z.shape[0]}")
+    alpha = C.positive_scalar(t, "t", z)
+    C.choice(kernel, "kernel", ("rbf", "cosine"))
+    sigma = C.plain_positive(sigma, "sigma")
+    lam = C.plain_positive(lam, "lam")
+    if prior is not None:
+        C.features(prior, "prior")
+        if prior.shape[0] != z.shape[0] or prior.device != z.device:
+            raise ValueError(f"prior must be [{z.shape[0]}, p] on {z.device}, got "
+                             f"{tuple(prior.shape)} on {prior.device}")
+    name = _route(backend, z.device, group)
+    if name == "reference":
+        return reference.decoupled_uniformity(z, prior, t=alpha, kernel=kernel, sigma=sigma,
+                                              lam=lam)
+    mu = F.normalize(z, dim=2).mean(1)
+    if prior is not None:
+        if group is not None:
+            raise ValueError("decoupled_uniformity with a prior needs the whole batch: group= "
+                             "is not supported")
+        mu = _family.prior_apply(mu, prior, kernel, sigma, lam)
+    return _family.uniformity(mu, alpha, name, group)
