@@ -22,10 +22,12 @@ from .losses import (
     supcon,
     uniformity_loss,
 )
+from .modules import ClipLoss, InfoNCELoss, NTXentLoss, SigLipLoss, SupConLoss
 
 __all__ = [
     "available_backends", "reference", "info_nce", "clip_loss", "siglip_loss", "nt_xent",
     "supcon", "dcl_loss", "hcl_loss", "debiased_loss", "cclk_loss", "kernel_info_nce",
-    "uniformity_loss", "decoupled_uniformity",
+    "uniformity_loss", "decoupled_uniformity", "InfoNCELoss", "ClipLoss", "NTXentLoss",
+    "SupConLoss", "SigLipLoss",
 ]
 __version__ = "0.1.0"

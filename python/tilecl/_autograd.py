@@ -22,6 +22,7 @@ class TileStatsFunction(torch.autograd.Function):
         if col is None:
             col = stats.new_zeros(0)
         ctx.spec, ctx.aux, ctx.backend = spec, aux, backend
+        ctx.single_set = q is k  # z against itself: dz = dq + dk, summed before rounding
         ctx.has_bias = bias is not None
         if any(ctx.needs_input_grad[:4]):
             ctx.save_for_backward(q, k, alpha, bias if bias is not None else alpha.new_zeros(()),
@@ -43,11 +44,14 @@ class TileStatsFunction(torch.autograd.Function):
             spec, q, k, alpha, bias if ctx.has_bias else None, ctx.aux,
             stats, col if spec.col_lse else None, g_stats.to(stats.dtype),
             g_col.to(col.dtype) if spec.col_lse else None, needs)
-        dq = dq.to(q.dtype) if needs[0] else None
-        dk = dk.to(k.dtype) if needs[1] else None
-        da = da.to(alpha.dtype) if needs[2] else None
-        db = db.to(bias.dtype) if (needs[3] and db is not None) else None
-        return dq, dk, da, db, None, None, None
+        if ctx.single_set:  # z against itself: dz = dq + dk, rounded to the input dtype once
+            dq, dk = dq + dk, None
+        return (_cast(dq, q, needs[0]), _cast(dk, k, needs[1]), _cast(da, alpha, needs[2]),
+                _cast(db, bias, needs[3]), None, None, None)
+
+
+def _cast(grad, like, needed):
+    return grad.to(like.dtype) if (needed and grad is not None) else None
 
 
 def tile_stats(spec: TileSpec, q, k, alpha, bias=None, aux: TileAux = None, backend="torch"):

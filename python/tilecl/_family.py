@@ -60,6 +60,17 @@ def _reduce(rows, reduction, denom, group):
     return total if reduction == "sum" else total / denom
 
 
+def _up(backend, *ts):
+    """fp16/bf16 operands as fp32 for the torch backend, which computes every tile in fp32
+    anyway: one cast instead of one per tile, and every gradient path (tile, positive gather,
+    prologue) accumulates in fp32 and is rounded to the input dtype once. Kernel backends take
+    the input dtype and upcast in registers."""
+    if backend != "torch":
+        return ts if len(ts) > 1 else ts[0]
+    out = tuple(t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in ts)
+    return out if len(out) > 1 else out[0]
+
+
 def _dot(a, b):
     """Row-wise <a_i, b_i> in fp32 (float64 stays float64): the positive logits."""
     dt = torch.float64 if a.dtype == torch.float64 else torch.float32
@@ -73,19 +84,22 @@ def _arange(n, like, offset=0):
 # ---- InfoNCE / CLIP / SigLIP (math.md 2) -------------------------------------------------------
 
 def info_nce(query, key, alpha, positive_index, symmetric, reduction, backend, group):
+    query, key = _up(backend, query, key)
     n = query.shape[0]
     off = _col_offset(key.shape[0], group)
     pos = _arange(n, query) if positive_index is None else positive_index
     spec = TileSpec(sums=(ALL,), col_lse=symmetric)
     stats, col = _stats(spec, query, key, alpha, None, TileAux(col_offset=off), backend, group)
-    s_pos = alpha * _dot(query, key[pos - off] if positive_index is not None else key[:n])
+    # positive_index indexes the rank's LOCAL keys (losses.py checks it against M_local)
+    s_pos = alpha * _dot(query, key[pos] if positive_index is not None else key[:n])
     rows = stats[0] - s_pos
     if symmetric:  # (CE rows + CE columns) / 2 with the diagonal positive (math.md 2.1)
         rows = (rows + col - s_pos) / 2
-    return _reduce(rows, reduction, n, group)
+    return _reduce(rows, reduction, _global_count(n, group), group)
 
 
 def siglip(image, text, alpha, bias, labels, text_labels, reduction, backend, group):
+    image, text = _up(backend, image, text)
     n = image.shape[0]
     off = _col_offset(text.shape[0], group)
     if labels is None:
@@ -95,14 +109,14 @@ def siglip(image, text, alpha, bias, labels, text_labels, reduction, backend, gr
         spec, aux = TileSpec(positive="label", sigmoid=True), TileAux(labels_q=labels, labels_k=tl)
     aux.col_offset = off
     stats, _ = _stats(spec, image, text, alpha, bias, aux, backend, group)
-    return _reduce(stats[spec.i_sig], reduction, n, group)
+    return _reduce(stats[spec.i_sig], reduction, _global_count(n, group), group)
 
 
 # ---- single-set losses over [z1; z2] (math.md 3, 7, 8) ------------------------------------------
 
-def _two_view(z1, z2, group):
+def _two_view(z1, z2, group, backend):
     """z = [z1; z2], the global index of each row (self) and of its positive (i <-> i + B)."""
-    z = torch.cat([z1, z2])
+    z = _up(backend, torch.cat([z1, z2]))
     b = z1.shape[0]
     off = _col_offset(2 * b, group)
     self_idx = _arange(2 * b, z, off)
@@ -111,7 +125,7 @@ def _two_view(z1, z2, group):
 
 
 def nt_xent(z1, z2, alpha, convention, reduction, backend, group):
-    z, self_idx, pos, off = _two_view(z1, z2, group)
+    z, self_idx, pos, off = _two_view(z1, z2, group, backend)
     spec = TileSpec(sums=(ALL,))
     stats, _ = _stats(spec, z, z, alpha, None, TileAux(excl=self_idx, col_offset=off), backend, group)
     rows = stats[0] - alpha * _dot(z, z.roll(z1.shape[0], 0))
@@ -128,7 +142,7 @@ def _global_count(n_local, group):
 
 
 def dcl(z1, z2, alpha, weighted, sigma, reduction, backend, group):
-    z, self_idx, pos, off = _two_view(z1, z2, group)
+    z, self_idx, pos, off = _two_view(z1, z2, group, backend)
     spec = TileSpec(positive="index", sums=(NEG,))
     aux = TileAux(excl=self_idx, pos=pos, col_offset=off)
     stats, _ = _stats(spec, z, z, alpha, None, aux, backend, group)
@@ -142,7 +156,7 @@ def dcl(z1, z2, alpha, weighted, sigma, reduction, backend, group):
 
 def hard_negative(z1, z2, alpha, tau_plus, beta, reduction, backend, group):
     """HCL (beta > 0, math.md 8.2) and debiased (beta = 0, 8.3), in log space."""
-    z, self_idx, pos, off = _two_view(z1, z2, group)
+    z, self_idx, pos, off = _two_view(z1, z2, group, backend)
     sums = (SumSpec("neg", 1.0 + beta), SumSpec("neg", beta)) if beta > 0 else (NEG,)
     spec = TileSpec(positive="index", sums=sums)
     aux = TileAux(excl=self_idx, pos=pos, col_offset=off)
@@ -166,7 +180,7 @@ def hard_negative(z1, z2, alpha, tau_plus, beta, reduction, backend, group):
 
 def kernel_info_nce(z1, z2, alpha, gamma, eps, reduction, backend, group):
     """math.md 7.2: x_ij = -||z_i - z_j||^gamma / T, self excluded, eps as in gamma_loss."""
-    z, self_idx, _, off = _two_view(z1, z2, group)
+    z, self_idx, _, off = _two_view(z1, z2, group, backend)
     spec = TileSpec(logit="dist", gamma=float(gamma), sums=(ALL,))
     stats, _ = _stats(spec, z, z, alpha, None, TileAux(excl=self_idx, col_offset=off), backend, group)
     log_eps = math.log(eps)
@@ -181,7 +195,7 @@ def kernel_info_nce(z1, z2, alpha, gamma, eps, reduction, backend, group):
 
 def supcon(features, labels, alpha, factor, contrast_mode, variant, reduction, backend, group):
     bsz, views = features.shape[:2]
-    z = torch.cat(torch.unbind(features, 1))  # [V*B, D], view-major
+    z = _up(backend, torch.cat(torch.unbind(features, 1)))  # [V*B, D], view-major
     off = _col_offset(z.shape[0], group)
     lab = (_arange(bsz, z, off) if labels is None else labels).repeat(views)
     a = bsz if contrast_mode == "one" else bsz * views
@@ -220,6 +234,7 @@ def cclk(z1, z2, alpha, weights, factors, mode, reduction, backend, group):
     exact for dense W and zeroes the diagonal of a low-rank W in-tile (math.md 5.3).
     """
     b = z1.shape[0]
+    z1, z2 = _up(backend, z1, z2)
     wsum = SumSpec("neg", weighted=True)
     sums = (wsum,) if mode == "hardneg" else (wsum, ALL)
     kind = "dense" if weights is not None else "lowrank"
@@ -259,6 +274,7 @@ def cclk_factors(conditions, lam):
 def uniformity(x, alpha, backend, group):
     """log mean_{i<j} exp(-t |x_i - x_j|^2) = LSE_i(lse_i) - log(N (N - 1))  (math.md 6.3)."""
     n = x.shape[0]
+    x = _up(backend, x)
     off = _col_offset(n, group)
     spec = TileSpec(logit="dist", gamma=2.0, sums=(ALL,))
     stats, _ = _stats(spec, x, x, alpha, None, TileAux(excl=_arange(n, x, off), col_offset=off),

@@ -75,14 +75,14 @@ def _masks(spec: TileSpec, aux: TileAux, i0, i1, j0, j1, device):
     return allowed, y
 
 
-def _weights(spec: TileSpec, aux: TileAux, i0, i1, j0, j1):
-    """w [BR, BC] fp32 (clipped) or None."""
+def _weights(spec: TileSpec, aux: TileAux, i0, i1, j0, j1, dtype):
+    """w [BR, BC] in the compute dtype (clipped) or None."""
     if spec.weight == "dense":
         mw = aux.weight.shape[1]
         cols = torch.arange(j0 + aux.col_offset, j1 + aux.col_offset, device=aux.weight.device) % mw
-        w = aux.weight[i0:i1].index_select(1, cols)
+        w = aux.weight[i0:i1].index_select(1, cols).to(dtype)
     elif spec.weight == "lowrank":
-        w = aux.wa[i0:i1] @ aux.wb[j0:j1].T  # [BR, r] @ [r, BC]
+        w = aux.wa[i0:i1].to(dtype) @ aux.wb[j0:j1].to(dtype).T  # [BR, r] @ [r, BC]
     else:
         return None
     if spec.weight_clip > 0:
@@ -142,7 +142,7 @@ def forward(spec: TileSpec, q, k, alpha, bias, aux: TileAux):
                            nq[i0:i1] if nq is not None else None,
                            nk[j0:j1] if nk is not None else None)
             allowed, y = _masks(spec, aux, i0, i1, j0, j1, dev)
-            w = _weights(spec, aux, i0, i1, j0, j1)
+            w = _weights(spec, aux, i0, i1, j0, j1, cdt)
             for r, s in enumerate(spec.sums):
                 z = _sum_logits(s, x, _sum_mask(s, allowed, y), w)
                 stats[r, i0:i1] = torch.logaddexp(stats[r, i0:i1], torch.logsumexp(z, 1))
@@ -213,7 +213,7 @@ def backward(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, g_stat
                                nq[i0:i1] if nq is not None else None,
                                nk[j0:j1] if nk is not None else None)
             allowed, y = _masks(spec, aux, i0, i1, j0, j1, dev)
-            w = _weights(spec, aux, i0, i1, j0, j1)
+            w = _weights(spec, aux, i0, i1, j0, j1, cdt)
             colstat_J = (colg[0][j0:j1], colg[1][j0:j1]) if colg is not None else None
             G = _tile_grad(spec, x, allowed, y, w, stats_I, g_I, colstat_J)
             if spec.sigmoid and bias is not None:

@@ -354,7 +354,8 @@ def decoupled_uniformity(z, prior=None, *, t=2.0, kernel="rbf", sigma=1.0, lam=0
     if name == "reference":
         return reference.decoupled_uniformity(z, prior, t=alpha, kernel=kernel, sigma=sigma,
                                               lam=lam)
-    mu = F.normalize(z, dim=2).mean(1)
+    cdt = C.compute_dtype(z)
+    mu = F.normalize(z.to(cdt), dim=2).mean(1)  # O(B V D) prologue in fp32
     if prior is not None:
         if group is not None:
             raise ValueError("decoupled_uniformity with a prior needs the whole batch: group= "

@@ -1,1 +1,18 @@
-"""Drop-in classes matching open_clip, SupContrast and pytorch-metric-learning."""
+"""Drop-in classes with the constructor and forward signatures of the libraries users already run,
+computed by tilecl's tiled losses (``backend="auto"`` by default; every class takes ``backend=``).
+
+- ``tilecl.compat.open_clip``: ``ClipLoss``, ``SigLipLoss`` (open_clip/loss.py)
+- ``tilecl.compat.supcontrast``: ``SupConLoss`` (HobbitLong/SupContrast losses.py)
+- ``tilecl.compat.pml``: ``SupConLoss``, ``NTXentLoss`` (pytorch-metric-learning call convention)
+
+Re-exported here: ``ClipLoss``, ``SigLipLoss``, ``SupConLoss`` (SupContrast's), ``PMLSupConLoss``,
+``PMLNTXentLoss``.
+"""
+
+from .open_clip import ClipLoss, SigLipLoss
+from .pml import NTXentLoss as PMLNTXentLoss
+from .pml import SupConLoss as PMLSupConLoss
+from .supcontrast import DenseFallbackWarning, SupConLoss
+
+__all__ = ["ClipLoss", "SigLipLoss", "SupConLoss", "PMLSupConLoss", "PMLNTXentLoss",
+           "DenseFallbackWarning"]

@@ -1,0 +1,305 @@
+"""The ``triton`` backend: launchers of ``tilecl.tritonops.lse`` behind the tile contract.
+
+Same signatures and semantics as ``_torch_tiled`` (see ``_spec.py``): ``forward`` returns the
+per-row statistics [S, N] fp32 and the column LSE [M] (or None), ``backward`` returns
+(dq, dk, dalpha, dbias) in fp32. No autograd here (``_autograd.py`` holds it).
+
+Passes (math.md 1.3, 2.1):
+
+* forward: one row-parallel launch (row statistics); symmetric CLIP adds one column-parallel
+  launch of the same kernel (``TRANS``) for the column LSE: 2x the forward matmul, O(N + M)
+  memory, no atomics on (max, sum) pairs, no [N / BM, M] partial buffer.
+* backward: a row-parallel launch writes dq (and the per-row sums for the scale and bias
+  gradients), a column-parallel launch writes dk; each program owns its output rows and one
+  chunk of D, accumulates in fp32 registers and stores once: deterministic, no atomics, no
+  read-modify-write of global memory. Each pass recomputes the tiles (the price of determinism).
+* dalpha = sum_i <q_i, dq_i> / alpha_i (dot logits), sum_j G_ij x_ij / alpha_i (distance logits),
+  summed for a 0-dim alpha (math.md 1.5); dbias = sum_ij G_ij for SigLIP (2.2), 0 otherwise
+  (exactly what ``_torch_tiled`` returns).
+
+Precision: fp32 dots use ``TILECL_TRITON_PRECISION`` (ieee by default, tf32 optional); fp16/bf16
+dots accumulate in fp32. The gradient matmul takes G in bf16 for bf16 inputs (like
+FlashAttention), and G scaled by a power of two per tile, then cast to fp16, for fp16 inputs
+(c * P underflows fp16, math.md 9.12). float64 inputs (gradcheck) go to ``_torch_tiled``.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from typing import List, Optional, Tuple
+
+import torch
+
+from . import _torch_tiled
+from ._spec import COLUMNS, POSITIVES, WEIGHTS, SumSpec, TileAux, TileSpec, empty_stats
+
+try:
+    import triton
+
+    from .tritonops import configs as _configs
+    from .tritonops import lse as _lse  # kernels looked up per call (the tests may reload it)
+
+    _IMPORT_ERROR = None
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    _IMPORT_ERROR = exc
+
+
+def unavailable(device) -> "str | None":
+    """None if the kernels can run on ``device``, else why not."""
+    if _IMPORT_ERROR is not None:
+        return f"triton cannot be imported ({_IMPORT_ERROR})"
+    device = torch.device(device)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return None if device.type == "cpu" else (
+            "TRITON_INTERPRET=1 runs the Triton kernels on CPU tensors only")
+    if device.type != "cuda":
+        return f"Triton kernels need a CUDA device (or TRITON_INTERPRET=1 on CPU), got {device}"
+    return None
+
+
+def _dummy(device, dtype):
+    return torch.zeros(1, device=device, dtype=dtype)
+
+
+def _flags(spec: TileSpec, aux: TileAux, bias):
+    """The kernels' constexpr flags for one spec (one compiled specialisation per distinct set)."""
+    sums = list(spec.sums) + [SumSpec()] * (2 - len(spec.sums))
+    dist = spec.logit == "dist"
+    return dict(
+        DIST=dist, GAMMA=float(spec.gamma) if dist else 2.0,
+        HAS_BIAS=(bias is not None) and not dist, HAS_EXCL=aux.excl is not None,
+        POSITIVE=POSITIVES.index(spec.positive), WEIGHT=WEIGHTS.index(spec.weight),
+        CLIP=float(spec.weight_clip),
+        N_SUMS=len(spec.sums),
+        C0=COLUMNS.index(sums[0].cols), B0=float(sums[0].beta), W0=bool(sums[0].weighted),
+        C1=COLUMNS.index(sums[1].cols), B1=float(sums[1].beta), W1=bool(sums[1].weighted),
+        LIN=bool(spec.lin), SIG=bool(spec.sigmoid), COL_LSE=bool(spec.col_lse),
+        PRECISION=_configs.dot_precision(),
+    )
+
+
+def _inputs(spec: TileSpec, q, k, alpha, bias, aux: TileAux):
+    """Pointer arguments shared by both kernels, and their strides (inputs stay strided)."""
+    dev = q.device
+    i64 = torch.int64
+    a = alpha.detach().to(device=dev, dtype=torch.float32).reshape(-1)
+    s_a = 0 if alpha.dim() == 0 else 1
+    b = bias.detach().to(device=dev, dtype=torch.float32).reshape(1) if bias is not None else (
+        _dummy(dev, torch.float32))
+
+    def idx(t):
+        return t.to(device=dev, dtype=i64).contiguous() if t is not None else _dummy(dev, i64)
+
+    excl, pos, labq = idx(aux.excl), idx(aux.pos), idx(aux.labels_q)
+    labk = idx(aux.labels_k)
+    w = aux.weight if spec.weight == "dense" else _dummy(dev, torch.float32).view(1, 1)
+    wa = aux.wa if spec.weight == "lowrank" else _dummy(dev, torch.float32).view(1, 1)
+    wb = aux.wb if spec.weight == "lowrank" else _dummy(dev, torch.float32).view(1, 1)
+    ptrs = (q, k, a, b, excl, pos, labq, labk, w, wa, wb)
+    sizes = (q.shape[0], k.shape[0], q.shape[1], w.shape[1], wa.shape[1], int(aux.col_offset))
+    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), s_a,
+               w.stride(0), w.stride(1), wa.stride(0), wa.stride(1), wb.stride(0), wb.stride(1))
+    return ptrs, sizes, strides
+
+
+def _output(shape, dev, written):
+    if not written:
+        return torch.zeros(shape, device=dev, dtype=torch.float32)
+    if _configs.interpreting():
+        return torch.full(shape, float("nan"), device=dev, dtype=torch.float32)
+    return torch.empty(shape, device=dev, dtype=torch.float32)
+
+
+def _check(q, k):
+    if q.dim() != 2 or k.dim() != 2 or q.shape[1] != k.shape[1]:
+        raise ValueError(f"q [N, D] and k [M, D] expected, got {tuple(q.shape)}, {tuple(k.shape)}")
+    if q.dtype != k.dtype or q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"q and k must share a dtype among fp32/fp16/bf16, got {q.dtype}, {k.dtype}")
+
+
+def _forward_impl(spec: TileSpec, q, k, alpha, bias, aux: TileAux):
+    """Per-row statistics [S, N] (fp32) and column LSE [M] (or None) of q against k."""
+    if q.dtype == torch.float64:
+        return _torch_tiled.forward(spec, q, k, alpha, bias, aux)
+    _check(q, k)
+    n, m = q.shape[0], k.shape[0]
+    dev = q.device
+    stats = empty_stats(spec, n, dev, torch.float32)
+    col = torch.full((m,), float("-inf"), device=dev, dtype=torch.float32) if spec.col_lse else None
+    if n == 0 or m == 0:
+        return stats, col
+    ptrs, sizes, strides = _inputs(spec, q, k, alpha, bias, aux)
+    flags = _flags(spec, aux, bias)
+    out_col = col if col is not None else _dummy(dev, torch.float32)
+    if spec.n_stats > 0:
+        _lse._lse_fwd_kernel[lambda meta: (triton.cdiv(n, meta["BM"]),)](
+            *ptrs, stats, out_col, *sizes, *strides, stats.stride(0), TRANS=False, **flags)
+    if spec.col_lse:
+        _lse._lse_fwd_kernel[lambda meta: (triton.cdiv(m, meta["BN"]),)](
+            *ptrs, stats, out_col, *sizes, *strides, stats.stride(0), TRANS=True, **flags)
+    return stats, col
+
+
+def _backward_impl(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, g_stats,
+                   g_col, needs=(True, True, True, True)):
+    """(dq [N, D], dk [M, D], dalpha (0-dim or [N]), dbias (0-dim or None)), all fp32."""
+    if q.dtype == torch.float64:
+        return _torch_tiled.backward(spec, q, k, alpha, bias, aux, stats, col, g_stats, g_col,
+                                     needs)
+    _check(q, k)
+    n, m, d = q.shape[0], k.shape[0], q.shape[1]
+    dev = q.device
+    f32 = torch.float32
+    a = alpha.detach().to(device=dev, dtype=f32)
+    need_bias = bias is not None and spec.sigmoid and needs[3]
+    launch = n > 0 and m > 0 and d > 0
+    rows = launch and (needs[0] or needs[2] or need_bias)
+    cols = launch and needs[1]
+    # the kernels write every element of dq / dk: uninitialised (NaN-poisoned under the
+    # interpreter, so a missed element fails the tests loudly) when a pass runs, zeros otherwise
+    dq = _output((n, d), dev, rows)
+    dk = _output((m, d), dev, cols)
+    gx = torch.zeros(n, device=dev, dtype=f32)  # sum_j G_ij x_ij (distance logits)
+    gsum = torch.zeros(n, device=dev, dtype=f32)  # sum_j G_ij (SigLIP bias)
+    if rows or cols:
+        ptrs, sizes, strides = _inputs(spec, q, k, alpha, bias, aux)
+        flags = _flags(spec, aux, bias)
+        # gradient matmul of fp32 inputs at the same precision (16-bit: see tritonops.lse._grad_dot)
+        flags["PRECISION2"] = flags["PRECISION"]
+        st = stats.detach().to(f32).contiguous()
+        gst = g_stats.detach().to(f32).contiguous()
+        if spec.col_lse:
+            cst = col.detach().to(f32).contiguous()
+            gc = g_col.detach().to(f32).contiguous()
+        else:
+            cst = gc = _dummy(dev, f32)
+        if st.shape[0] == 0:  # a spec with no row statistic (column LSE only)
+            st = gst = torch.zeros(1, n, device=dev, dtype=f32)
+        common = (*ptrs, st, gst, cst, gc)
+        if rows:
+            _lse._lse_bwd_kernel[lambda meta: (triton.cdiv(n, meta["BM"]), triton.cdiv(d, meta["BD"]))](
+                *common, dq, gsum, gx, *sizes, *strides, st.stride(0), dq.stride(0), dq.stride(1),
+                TRANS=False, **flags)
+        if cols:
+            _lse._lse_bwd_kernel[lambda meta: (triton.cdiv(m, meta["BN"]), triton.cdiv(d, meta["BD"]))](
+                *common, dk, gsum, gx, *sizes, *strides, st.stride(0), dk.stride(0), dk.stride(1),
+                TRANS=True, **flags)
+    af = a.expand(n) if a.dim() == 0 else a
+    if spec.logit == "dot":
+        # dL/da_i = sum_j G_ij <q_i, k_j> = <q_i, dq_i> / a_i  (math.md 1.5)
+        da = (q.detach().to(f32) * dq).sum(1) / af
+    else:
+        da = gx / af  # dx/da = x / a
+    da = da.sum() if alpha.dim() == 0 else da
+    db = None
+    if bias is not None:
+        db = gsum.sum() if spec.sigmoid else torch.zeros((), device=dev, dtype=f32)
+    return dq, dk, da, db
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library custom ops (STYLE.md 7): the kernels as opaque ops with fake implementations, so
+# torch.compile traces through them without graph breaks. The spec travels as a JSON string,
+# the aux tensors as optional arguments; a missing column LSE is an empty [0] tensor.
+
+
+def spec_to_str(spec: TileSpec) -> str:
+    """The spec as the string the custom ops take (plain formatting, which dynamo folds)."""
+    sums = ",".join(f"{x.cols}:{float(x.beta)!r}:{int(bool(x.weighted))}" for x in spec.sums)
+    return (f"{spec.logit};{float(spec.gamma)!r};{spec.positive};{int(bool(spec.lin))};"
+            f"{int(bool(spec.sigmoid))};{int(bool(spec.col_lse))};{spec.weight};"
+            f"{float(spec.weight_clip)!r};{sums}")
+
+
+@lru_cache(maxsize=256)
+def spec_from_str(text: str) -> TileSpec:
+    logit, gamma, positive, lin, sig, col, weight, clip, sums = text.split(";")
+    parsed = tuple(SumSpec(c, float(b), w == "1")
+                   for c, b, w in (x.split(":") for x in sums.split(",") if x))
+    return TileSpec(logit=logit, gamma=float(gamma), positive=positive, sums=parsed,
+                    lin=lin == "1", sigmoid=sig == "1", col_lse=col == "1", weight=weight,
+                    weight_clip=float(clip))
+
+
+def _aux_args(aux: TileAux):
+    return (aux.excl, aux.pos, aux.labels_q, aux.labels_k, aux.weight, aux.wa, aux.wb,
+            int(aux.col_offset))
+
+
+def _aux_from(excl, pos, labels_q, labels_k, weight, wa, wb, col_offset) -> TileAux:
+    return TileAux(excl=excl, pos=pos, labels_q=labels_q, labels_k=labels_k, weight=weight,
+                   wa=wa, wb=wb, col_offset=col_offset)
+
+
+def _stats_dtype(q):
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+_HAS_CUSTOM_OP = hasattr(torch.library, "custom_op")
+
+if _HAS_CUSTOM_OP:
+    _T = torch.Tensor
+    _OT = Optional[torch.Tensor]
+
+    @torch.library.custom_op("tilecl::triton_tile_fwd", mutates_args=())
+    def _fwd_op(q: _T, k: _T, alpha: _T, bias: _OT, excl: _OT, pos: _OT, labels_q: _OT,
+                labels_k: _OT, weight: _OT, wa: _OT, wb: _OT, col_offset: int,
+                spec: str) -> Tuple[_T, _T]:
+        sp = spec_from_str(spec)
+        aux = _aux_from(excl, pos, labels_q, labels_k, weight, wa, wb, col_offset)
+        stats, col = _forward_impl(sp, q, k, alpha, bias, aux)
+        return stats, col if col is not None else stats.new_zeros(0)
+
+    @_fwd_op.register_fake
+    def _(q, k, alpha, bias, excl, pos, labels_q, labels_k, weight, wa, wb, col_offset, spec):
+        sp = spec_from_str(spec)
+        dt = _stats_dtype(q)
+        return (q.new_empty((sp.n_stats, q.shape[0]), dtype=dt),
+                q.new_empty((k.shape[0] if sp.col_lse else 0,), dtype=dt))
+
+    @torch.library.custom_op("tilecl::triton_tile_bwd", mutates_args=())
+    def _bwd_op(q: _T, k: _T, alpha: _T, bias: _OT, excl: _OT, pos: _OT, labels_q: _OT,
+                labels_k: _OT, weight: _OT, wa: _OT, wb: _OT, col_offset: int, stats: _T,
+                col: _T, g_stats: _T, g_col: _T, spec: str,
+                needs: List[bool]) -> Tuple[_T, _T, _T, _T]:
+        sp = spec_from_str(spec)
+        aux = _aux_from(excl, pos, labels_q, labels_k, weight, wa, wb, col_offset)
+        has_col = sp.col_lse
+        dq, dk, da, db = _backward_impl(sp, q, k, alpha, bias, aux, stats,
+                                        col if has_col else None, g_stats,
+                                        g_col if has_col else None, tuple(needs))
+        if db is None:
+            db = da.new_zeros(())
+        return dq, dk, da, db
+
+    @_bwd_op.register_fake
+    def _(q, k, alpha, bias, excl, pos, labels_q, labels_k, weight, wa, wb, col_offset, stats,
+          col, g_stats, g_col, spec, needs):
+        dt = _stats_dtype(q)
+        return (q.new_empty(q.shape, dtype=dt), k.new_empty(k.shape, dtype=dt),
+                alpha.new_empty(alpha.shape, dtype=dt), q.new_empty((), dtype=dt))
+
+
+def forward(spec: TileSpec, q, k, alpha, bias, aux: TileAux):
+    """Per-row statistics [S, N] (fp32) and column LSE [M] (or None) of q against k.
+
+    q: [N, D], k: [M, D] (fp32/fp16/bf16, any strides), alpha: 0-dim or [N], bias: 0-dim or None.
+    """
+    if not _HAS_CUSTOM_OP:
+        return _forward_impl(spec, q, k, alpha, bias, aux)
+    stats, col = _fwd_op(q, k, alpha, bias, *_aux_args(aux), spec_to_str(spec))
+    return stats, (col if spec.col_lse else None)
+
+
+def backward(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, g_stats, g_col,
+             needs=(True, True, True, True)):
+    """(dq [N, D], dk [M, D], dalpha like alpha, dbias 0-dim or None), fp32 (math.md 1.2-1.5)."""
+    if not _HAS_CUSTOM_OP:
+        return _backward_impl(spec, q, k, alpha, bias, aux, stats, col, g_stats, g_col, needs)
+    empty = stats.new_zeros(0)
+    dq, dk, da, db = _bwd_op(q, k, alpha, bias, *_aux_args(aux), stats,
+                             col if col is not None else empty, g_stats,
+                             g_col if g_col is not None else empty, spec_to_str(spec),
+                             [bool(x) for x in needs])
+    return dq, dk, da, (db if bias is not None else None)

@@ -1,0 +1,58 @@
+"""Shared fixtures: a fixed seed per test, small odd tiles for the torch backend, and an assert
+helper that says where and by how much two tensors differ."""
+
+import os
+import random
+
+import pytest
+import torch
+
+import tilecl._torch_tiled as torch_tiled
+
+# tiles that the test shapes (1, 7, 63, 65, 130) do not divide
+TEST_TILE = (16, 24)
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_tiles():
+    torch.manual_seed(0)
+    random.seed(0)
+    old = torch_tiled.set_tile_size(*TEST_TILE)
+    yield
+    torch_tiled.set_tile_size(*old)
+
+
+def rel_err(actual, expected):
+    """max |a - e| / max |e| (0 when both are all zero)."""
+    a, e = actual.detach().double(), expected.detach().double()
+    scale = e.abs().max().item() if e.numel() else 0.0
+    diff = (a - e).abs().max().item() if e.numel() else 0.0
+    if scale == 0.0:
+        return diff
+    return diff / scale
+
+
+def assert_rel(actual, expected, tol, what):
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual.detach()).all() == torch.isfinite(expected.detach()).all(), (
+        f"{what}: non-finite values differ")
+    err = rel_err(actual, expected)
+    if not err <= tol:
+        d = (actual.detach().double() - expected.detach().double()).abs()
+        where = tuple(int(i) for i in torch.nonzero(d == d.max())[0]) if d.dim() else ()
+        raise AssertionError(f"{what}: rel. error {err:.3e} > {tol:.1e} (worst at {where}: "
+                             f"{actual.detach().reshape(-1)[d.argmax()].item():.6g} vs "
+                             f"{expected.detach().reshape(-1)[d.argmax()].item():.6g})")
+
+
+def cpu_backends():
+    """Tile backends that can run on this CPU (triton only under TRITON_INTERPRET=1)."""
+    from tilecl._backends import unavailable_reason
+
+    names = ["torch"]
+    for name in ("native", "triton"):
+        if name == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+            continue
+        if unavailable_reason(name, torch.device("cpu")) is None:
+            names.append(name)
+    return names
