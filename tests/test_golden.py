@@ -6,10 +6,11 @@ import pathlib
 
 import pytest
 import torch
-from conftest import assert_rel, cpu_backends
 
 import tilecl
 from tilecl import reference
+
+from conftest import assert_rel, cpu_backends
 
 # the checkout lies beside shared/ (CI too: a fresh clone with shared/ beside it)
 GOLDEN = pathlib.Path(__file__).resolve().parents[2] / "shared" / "golden"

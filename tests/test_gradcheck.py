@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from cases import CASES
 from conftest import cpu_backends
 

@@ -9,6 +9,7 @@ float64 reference, plus a quarter of the dtype's epsilon as a floor.
 
 import pytest
 import torch
+
 from cases import CASES, run
 from conftest import assert_rel, cpu_backends, rel_err
 

@@ -10,8 +10,10 @@ REDUCTIONS = ("mean", "sum", "none")
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def features(t, name, *, dim=2, like=None, like_name=None, same_rows=False, same_cols=True):
-    """A floating [rows, D] (or [B, V, D] for dim=3) tensor, non-empty, matching ``like``."""
+def features(t, name, *, dim=2, like=None, like_name=None, same_rows=False, same_cols=True,
+             allow_empty=False):
+    """A floating [rows, D] (or [B, V, D] for dim=3) tensor, matching ``like``; non-empty unless
+    ``allow_empty`` (a rank's shard under the ring may hold no rows)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in _FLOATS:
@@ -19,7 +21,7 @@ def features(t, name, *, dim=2, like=None, like_name=None, same_rows=False, same
     if t.dim() != dim:
         shape = "[N, D]" if dim == 2 else "[B, V, D]"
         raise ValueError(f"{name} must be {dim}-D {shape}, got shape {tuple(t.shape)}")
-    if t.shape[0] == 0 or t.shape[-1] == 0 or (dim == 3 and t.shape[1] == 0):
+    if (t.shape[0] == 0 and not allow_empty) or t.shape[-1] == 0 or (dim == 3 and t.shape[1] == 0):
         raise ValueError(f"{name} must be non-empty, got shape {tuple(t.shape)}")
     if like is not None:
         if t.device != like.device:

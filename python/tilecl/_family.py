@@ -60,12 +60,12 @@ def _reduce(rows, reduction, denom, group):
     return total if reduction == "sum" else total / denom
 
 
-def _up(backend, *ts):
+def _up(backend, group, *ts):
     """fp16/bf16 operands as fp32 for the torch backend, which computes every tile in fp32
     anyway: one cast instead of one per tile, and every gradient path (tile, positive gather,
     prologue) accumulates in fp32 and is rounded to the input dtype once. Kernel backends take
-    the input dtype and upcast in registers."""
-    if backend != "torch":
+    the input dtype and upcast in registers. Under the ring, blocks travel in the input dtype."""
+    if backend != "torch" or _world(group) > 1:
         return ts if len(ts) > 1 else ts[0]
     out = tuple(t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in ts)
     return out if len(out) > 1 else out[0]
@@ -84,7 +84,7 @@ def _arange(n, like, offset=0):
 # ---- InfoNCE / CLIP / SigLIP (math.md 2) -------------------------------------------------------
 
 def info_nce(query, key, alpha, positive_index, symmetric, reduction, backend, group):
-    query, key = _up(backend, query, key)
+    query, key = _up(backend, group, query, key)
     n = query.shape[0]
     off = _col_offset(key.shape[0], group)
     pos = _arange(n, query) if positive_index is None else positive_index
@@ -99,7 +99,7 @@ def info_nce(query, key, alpha, positive_index, symmetric, reduction, backend, g
 
 
 def siglip(image, text, alpha, bias, labels, text_labels, reduction, backend, group):
-    image, text = _up(backend, image, text)
+    image, text = _up(backend, group, image, text)
     n = image.shape[0]
     off = _col_offset(text.shape[0], group)
     if labels is None:
@@ -116,7 +116,7 @@ def siglip(image, text, alpha, bias, labels, text_labels, reduction, backend, gr
 
 def _two_view(z1, z2, group, backend):
     """z = [z1; z2], the global index of each row (self) and of its positive (i <-> i + B)."""
-    z = _up(backend, torch.cat([z1, z2]))
+    z = _up(backend, group, torch.cat([z1, z2]))
     b = z1.shape[0]
     off = _col_offset(2 * b, group)
     self_idx = _arange(2 * b, z, off)
@@ -195,7 +195,7 @@ def kernel_info_nce(z1, z2, alpha, gamma, eps, reduction, backend, group):
 
 def supcon(features, labels, alpha, factor, contrast_mode, variant, reduction, backend, group):
     bsz, views = features.shape[:2]
-    z = _up(backend, torch.cat(torch.unbind(features, 1)))  # [V*B, D], view-major
+    z = _up(backend, group, torch.cat(torch.unbind(features, 1)))  # [V*B, D], view-major
     off = _col_offset(z.shape[0], group)
     lab = (_arange(bsz, z, off) if labels is None else labels).repeat(views)
     a = bsz if contrast_mode == "one" else bsz * views
@@ -234,7 +234,7 @@ def cclk(z1, z2, alpha, weights, factors, mode, reduction, backend, group):
     exact for dense W and zeroes the diagonal of a low-rank W in-tile (math.md 5.3).
     """
     b = z1.shape[0]
-    z1, z2 = _up(backend, z1, z2)
+    z1, z2 = _up(backend, None, z1, z2)
     wsum = SumSpec("neg", weighted=True)
     sums = (wsum,) if mode == "hardneg" else (wsum, ALL)
     kind = "dense" if weights is not None else "lowrank"
@@ -274,7 +274,7 @@ def cclk_factors(conditions, lam):
 def uniformity(x, alpha, backend, group):
     """log mean_{i<j} exp(-t |x_i - x_j|^2) = LSE_i(lse_i) - log(N (N - 1))  (math.md 6.3)."""
     n = x.shape[0]
-    x = _up(backend, x)
+    x = _up(backend, group, x)
     off = _col_offset(n, group)
     spec = TileSpec(logit="dist", gamma=2.0, sums=(ALL,))
     stats, _ = _stats(spec, x, x, alpha, None, TileAux(excl=_arange(n, x, off), col_offset=off),

@@ -43,14 +43,22 @@ def _norms(spec, t):
     return t.square().sum(1) if spec.logit == "dist" else None
 
 
-def _logits(spec, qI, kJ, aI, bias, nqI, nkJ):
-    """x [BR, BC] fp32 and the raw inner quantity (dot, or squared distance) for backward."""
-    dot = qI @ kJ.T  # [BR, D] @ [D, BC]
+def _rows(spec, q, i0, i1, a, cdt):
+    """The row block in the compute dtype; for dot logits pre-scaled, a_i q_i, so that the tile
+    needs no elementwise scaling: x_ij = <a_i q_i, k_j> (the compute dtype is fp32 or fp64,
+    so this is the same rounding as scaling the fp32 dot afterwards)."""
+    qI = q[i0:i1].to(cdt)
+    return qI, (qI * a[i0:i1, None] if spec.logit == "dot" else qI)
+
+
+def _logits(spec, qaI, kJ, aI, bias, nqI, nkJ):
+    """x [BR, BC] in the compute dtype and, for distance logits, the squared distance."""
     if spec.logit == "dot":
-        x = dot * aI[:, None]
+        x = qaI @ kJ.T  # [BR, D] @ [D, BC]
         if bias is not None:
-            x = x + bias
-        return x, dot
+            x += bias
+        return x, None
+    dot = qaI @ kJ.T  # [BR, D] @ [D, BC]
     d2 = (nqI[:, None] + nkJ[None, :] - 2.0 * dot).clamp_min_(0.0)
     base = d2 if spec.gamma == 2.0 else d2.pow(spec.gamma / 2.0)
     return base * (-aI[:, None]), d2
@@ -136,9 +144,9 @@ def forward(spec: TileSpec, q, k, alpha, bias, aux: TileAux):
     a = alpha.to(cdt).expand(n) if alpha.dim() == 0 else alpha.to(cdt)
     nq, nk = _norms(spec, q.to(cdt)), _norms(spec, k.to(cdt))
     for i0, i1 in _row_tiles(n):
-        qI = q[i0:i1].to(cdt)
+        _, qaI = _rows(spec, q, i0, i1, a, cdt)
         for j0, j1 in _col_tiles(m):
-            x, _ = _logits(spec, qI, k[j0:j1].to(cdt), a[i0:i1], bias,
+            x, _ = _logits(spec, qaI, k[j0:j1].to(cdt), a[i0:i1], bias,
                            nq[i0:i1] if nq is not None else None,
                            nk[j0:j1] if nk is not None else None)
             allowed, y = _masks(spec, aux, i0, i1, j0, j1, dev)
@@ -165,13 +173,16 @@ def _safe_lse(lse, g):
 
 def _tile_grad(spec, x, allowed, y, w, stats_I, g_I, colstat_J):
     """G [BR, BC] = dL/dx_ij for one tile (math.md 1.2, 2.1, 2.2)."""
-    G = torch.zeros_like(x)
+    G = None
     for r, s in enumerate(spec.sums):
         lse, g = stats_I[r]
         if not bool(g.any()):
             continue
         z = _sum_logits(s, x, _sum_mask(s, allowed, y), w)
-        G += torch.exp(z - lse[:, None]) * (g * s.beta)[:, None]
+        term = torch.sub(z, lse[:, None]).exp_().mul_((g * s.beta)[:, None])  # beta g pi^k
+        G = term if G is None else G.add_(term)
+    if G is None:
+        G = torch.zeros_like(x)
     if spec.lin:
         G += torch.where(y, g_I[spec.i_lin][:, None], torch.zeros_like(x))
     if spec.sigmoid:
@@ -203,13 +214,13 @@ def backward(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, g_stat
     gx = torch.zeros(n, dtype=cdt, device=dev)  # sum_j G_ij x_ij (distance logits)
     db = torch.zeros((), dtype=cdt, device=dev)
     for i0, i1 in _row_tiles(n):
-        qI = q[i0:i1].to(cdt)
+        qI, qaI = _rows(spec, q, i0, i1, a, cdt)
         stats_I = [(lse[i0:i1], g[i0:i1]) for lse, g in lse_g]
         g_I = g_stats[:, i0:i1]
         for j0, j1 in _col_tiles(m):
             kJ = k[j0:j1].to(cdt)
             aI = a[i0:i1]
-            x, inner = _logits(spec, qI, kJ, aI, bias,
+            x, inner = _logits(spec, qaI, kJ, aI, bias,
                                nq[i0:i1] if nq is not None else None,
                                nk[j0:j1] if nk is not None else None)
             allowed, y = _masks(spec, aux, i0, i1, j0, j1, dev)
@@ -219,9 +230,9 @@ def backward(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, g_stat
             if spec.sigmoid and bias is not None:
                 db += G.sum()
             if spec.logit == "dot":
-                H = G * aI[:, None]  # dL/d<q_i, k_j>
-                dq[i0:i1] += H @ kJ  # [BR, BC] @ [BC, D]
-                dk[j0:j1] += H.T @ qI  # [BC, BR] @ [BR, D]
+                # dq_i = a_i sum_j G_ij k_j (a_i applied after the loop), dk_j = sum_i G_ij a_i q_i
+                dq[i0:i1] += G @ kJ  # [BR, BC] @ [BC, D]
+                dk[j0:j1] += G.T @ qaI  # [BC, BR] @ [BR, D]
             else:
                 # x = -a d2^(g/2): dL/dd2 = -a (g/2) d2^(g/2-1) G ; H = -2 dL/dd2 (math.md 1.4)
                 gx[i0:i1] += (G * x).sum(1)
@@ -231,8 +242,9 @@ def backward(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, g_stat
                 dq[i0:i1] += H @ kJ - H.sum(1)[:, None] * qI  # [BR, BC] @ [BC, D]
                 dk[j0:j1] += H.T @ qI - H.sum(0)[:, None] * kJ  # [BC, BR] @ [BR, D]
     if spec.logit == "dot":
-        # dL/da_i = sum_j G_ij <q_i, k_j> = <q_i, dq_i> / a_i  (math.md 1.5)
-        da = (q.to(cdt) * dq).sum(1) / a
+        # dL/da_i = sum_j G_ij <q_i, k_j> = <q_i, sum_j G_ij k_j>  (math.md 1.5)
+        da = (q.to(cdt) * dq).sum(1)
+        dq *= a[:, None]
     else:
         da = gx / a  # dx/da = x / a
     da = da.sum() if alpha.dim() == 0 else da

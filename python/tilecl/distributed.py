@@ -296,6 +296,7 @@ class _RingTileStats(torch.autograd.Function):
             col = stats.new_zeros(0)
             ctx.mark_non_differentiable(col)
         ctx.spec, ctx.aux, ctx.backend, ctx.ring = spec, aux, backend, ring
+        ctx.single_set = q is k  # z against itself: dz = dq + dk, rounded once (as _autograd)
         ctx.sizes, ctx.offsets, ctx.has_bias = sizes, offsets, bias is not None
         if any(ctx.needs_input_grad[:4]):
             ctx.save_for_backward(q, k, alpha, bias if bias is not None else alpha.new_zeros(()),
@@ -351,8 +352,11 @@ class _RingTileStats(torch.autograd.Function):
         dk_home = None
         if send_dk:
             ring.wait(acc_work)
-            dk_home = acc_in.to(k.dtype)
-        return (dq.to(q.dtype) if needs[0] else None, dk_home,
+            dk_home = acc_in
+            if ctx.single_set:
+                dq, dk_home = dq + dk_home, None
+        return (dq.to(q.dtype) if needs[0] else None,
+                dk_home.to(k.dtype) if dk_home is not None else None,
                 da.to(alpha.dtype) if needs[2] else None,
                 db.to(bias.dtype) if needs[3] else None, None, None, None, None, None, None)
 

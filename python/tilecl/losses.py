@@ -29,9 +29,9 @@ def _route(backend, device, group):
     return name
 
 
-def _pair(a, a_name, b, b_name, *, same_rows):
-    C.features(a, a_name)
-    C.features(b, b_name, like=a, like_name=a_name, same_rows=same_rows)
+def _pair(a, a_name, b, b_name, *, same_rows, group=None):
+    C.features(a, a_name, allow_empty=group is not None)
+    C.features(b, b_name, like=a, like_name=a_name, same_rows=same_rows, allow_empty=group is not None)
 
 
 def info_nce(query, key, *, temperature=None, logit_scale=None, positive_index=None,
@@ -46,7 +46,7 @@ def info_nce(query, key, *, temperature=None, logit_scale=None, positive_index=N
 
         loss = tilecl.info_nce(q, k, temperature=0.07)            # q, k: [N, D]
     """
-    _pair(query, "query", key, "key", same_rows=False)
+    _pair(query, "query", key, "key", same_rows=False, group=group)
     n, m = query.shape[0], key.shape[0]
     alpha = C.scale(temperature, logit_scale, query)
     if positive_index is None:
@@ -77,7 +77,8 @@ def clip_loss(image_features, text_features, logit_scale, *, reduction="mean", b
 
         loss = tilecl.clip_loss(img, txt, model.logit_scale.exp())   # img, txt: [N, D]
     """
-    _pair(image_features, "image_features", text_features, "text_features", same_rows=True)
+    _pair(image_features, "image_features", text_features, "text_features", same_rows=True,
+          group=group)
     return info_nce(image_features, text_features, logit_scale=logit_scale, symmetric=True,
                     reduction=reduction, backend=backend, group=group)
 
@@ -95,7 +96,8 @@ def siglip_loss(image_features, text_features, logit_scale, logit_bias, *, label
 
         loss = tilecl.siglip_loss(img, txt, t_prime.exp(), bias)
     """
-    _pair(image_features, "image_features", text_features, "text_features", same_rows=False)
+    _pair(image_features, "image_features", text_features, "text_features", same_rows=False,
+          group=group)
     n, m = image_features.shape[0], text_features.shape[0]
     alpha = C.positive_scalar(logit_scale, "logit_scale", image_features)
     bias = C.real_scalar(logit_bias, "logit_bias", image_features)
@@ -117,9 +119,9 @@ def siglip_loss(image_features, text_features, logit_scale, logit_bias, *, label
                           reduction, name, group)
 
 
-def _two_views(z1, z2, min_rows=1):
-    _pair(z1, "z1", z2, "z2", same_rows=True)
-    if z1.shape[0] < min_rows:
+def _two_views(z1, z2, min_rows=1, group=None):
+    _pair(z1, "z1", z2, "z2", same_rows=True, group=group)
+    if group is None and z1.shape[0] < min_rows:
         raise ValueError(f"this loss needs at least {min_rows} samples per view (negatives), "
                          f"got {z1.shape[0]}")
 
@@ -134,7 +136,7 @@ def nt_xent(z1, z2, *, temperature=0.5, convention="pytorch", reduction="mean", 
 
         loss = tilecl.nt_xent(F.normalize(h1, dim=1), F.normalize(h2, dim=1), temperature=0.5)
     """
-    _two_views(z1, z2)
+    _two_views(z1, z2, group=group)
     alpha = C.scale(temperature, None, z1)
     C.choice(convention, "convention", ("pytorch", "simclr_tf"))
     C.reduction(reduction)
@@ -160,7 +162,7 @@ def supcon(features, labels=None, *, temperature=0.07, base_temperature=0.07, co
 
         loss = tilecl.supcon(torch.stack([v1, v2], 1), y, temperature=0.1)
     """
-    C.features(features, "features", dim=3)
+    C.features(features, "features", dim=3, allow_empty=group is not None)
     bsz = features.shape[0]
     if labels is not None:
         labels = C.labels(labels, "labels", bsz, features)
@@ -196,7 +198,7 @@ def dcl_loss(z1, z2, *, temperature=0.1, weighted=False, sigma=0.5, normalize=Fa
     (math.md 8.1). weighted=True: DCLW, positive weight 2 - B softmax(<z1_k, z2_k> / sigma).
     normalize=True L2-normalizes the inputs first, as lightly's DCLLoss does.
     """
-    _two_views(z1, z2, min_rows=2)
+    _two_views(z1, z2, min_rows=2, group=group)
     alpha = C.scale(temperature, None, z1)
     sigma = C.plain_positive(sigma, "sigma")
     C.reduction(reduction)
@@ -221,7 +223,7 @@ def hcl_loss(z1, z2, *, temperature=0.5, tau_plus=0.1, beta=1.0, reduction="mean
     exp(beta s) on the negatives (not detached), debiasing with class prior tau_plus, floor
     N_n e^(-1/T); mean over the 2B anchors (math.md 8.2). Pass normalized embeddings.
     """
-    _two_views(z1, z2, min_rows=2)
+    _two_views(z1, z2, min_rows=2, group=group)
     alpha = C.scale(temperature, None, z1)
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or beta < 0:
         raise ValueError(f"beta must be a float >= 0, got {beta!r}")
@@ -232,7 +234,7 @@ def debiased_loss(z1, z2, *, temperature=0.5, tau_plus=0.1, reduction="mean", ba
                   group=None):
     """Debiased contrastive loss (Chuang et al., chingyaoc/DCL): HCL with beta = 0
     (math.md 8.3). Pass normalized embeddings."""
-    _two_views(z1, z2, min_rows=2)
+    _two_views(z1, z2, min_rows=2, group=group)
     alpha = C.scale(temperature, None, z1)
     return _hard_negative(z1, z2, alpha, _tau_plus(tau_plus), 0.0, reduction, backend, group)
 
@@ -254,7 +256,7 @@ def kernel_info_nce(z1, z2, *, temperature=0.5, gamma=2.0, eps=1e-6, reduction="
     """Kernel-InfoNCE (Tan et al., yifanzhang-pro/Kernel-InfoNCE ``gamma_loss``): logits
     -||z_i - z_j||^gamma / T over [z1; z2], self excluded, positive kept in the denominator,
     -log(pos / (clamp(neg, eps) + eps)), mean over 2B (math.md 7)."""
-    _two_views(z1, z2)
+    _two_views(z1, z2, group=group)
     alpha = C.scale(temperature, None, z1)
     gamma = C.plain_positive(gamma, "gamma")
     eps = C.plain_positive(eps, "eps")
@@ -320,8 +322,8 @@ def cclk_loss(z1, z2, weight_x=None, weight_y=None, *, conditions=None, lam=0.1,
 def uniformity_loss(x, *, t=2.0, backend="auto", group=None):
     """Uniformity (Wang & Isola, ssnl/align_uniform): log mean_{i<j} exp(-t ||x_i - x_j||^2)
     over the rows of x [N, D] (N >= 2), math.md 6.2. t: float or 0-dim tensor > 0."""
-    C.features(x, "x")
-    if x.shape[0] < 2:
+    C.features(x, "x", allow_empty=group is not None)
+    if group is None and x.shape[0] < 2:
         raise ValueError(f"x needs at least 2 rows (pairs), got {x.shape[0]}")
     alpha = C.positive_scalar(t, "t", x)
     name = _route(backend, x.device, group)
@@ -338,8 +340,8 @@ def decoupled_uniformity(z, prior=None, *, t=2.0, kernel="rbf", sigma=1.0, lam=0
     "cosine": low rank, O(B p)); then uniformity with t."""
     import torch.nn.functional as F
 
-    C.features(z, "z", dim=3)
-    if z.shape[0] < 2:
+    C.features(z, "z", dim=3, allow_empty=group is not None)
+    if group is None and z.shape[0] < 2:
         raise ValueError(f"z needs at least 2 samples, got {z.shape[0]}")
     alpha = C.positive_scalar(t, "t", z)
     C.choice(kernel, "kernel", ("rbf", "cosine"))

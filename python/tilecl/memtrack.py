@@ -1,4 +1,5 @@
-"""Deterministic peak-memory accounting for CPU tests (no allocator statistics exist on CPU).
+"""Deterministic peak-memory accounting on the CPU (no allocator statistics exist there); used by
+the tests, the demo and the benchmarks.
 
 ``PeakTensorBytes`` is a TorchDispatchMode that sees every tensor an op produces, counts each
 storage once while any tensor on it is alive, and records the peak of the live total and the

@@ -1,0 +1,122 @@
+"""Edge cases of the loss family on every CPU tile backend, against the reference."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tilecl
+
+from conftest import assert_rel, cpu_backends
+
+BACKENDS = cpu_backends()
+
+
+def unit(*shape):
+    return F.normalize(torch.randn(*shape, dtype=torch.float64), dim=-1).requires_grad_()
+
+
+def both(fn, *xs):
+    """(loss, grads) for the reference and for each backend, on copies of xs."""
+    out = {}
+    for b in ["reference"] + BACKENDS:
+        leaves = [x.detach().clone().requires_grad_() for x in xs]
+        loss = fn(b, *leaves)
+        out[b] = (loss, torch.autograd.grad(loss.sum(), leaves))
+    return out
+
+
+def check(out, tol=1e-10):
+    ref_loss, ref_grads = out["reference"]
+    for b in BACKENDS:
+        loss, grads = out[b]
+        assert_rel(loss, ref_loss, tol, f"{b} loss")
+        for i, (g, r) in enumerate(zip(grads, ref_grads)):
+            assert_rel(g, r, tol, f"{b} grad {i}")
+
+
+def test_single_row_clip():
+    check(both(lambda b, i, t: tilecl.clip_loss(i, t, 20.0, backend=b), unit(1, 8), unit(1, 8)))
+    # one pair: both softmaxes are over one entry, the loss is exactly 0
+    loss = tilecl.clip_loss(unit(1, 8), unit(1, 8), 20.0, backend="torch")
+    assert loss.item() == pytest.approx(0, abs=1e-12)
+
+
+def test_single_pair_nt_xent():
+    out = both(lambda b, a, c: tilecl.nt_xent(a, c, backend=b), unit(1, 5), unit(1, 5))
+    check(out)
+    assert out["torch"][0].item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_extra_keys_m_greater_than_n():
+    q, k = unit(9, 6), unit(40, 6)
+    check(both(lambda b, q, k: tilecl.info_nce(q, k, temperature=0.05, backend=b), q, k))
+
+
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_logit_scale_100_unit_vectors_no_overflow(loss):
+    # logits span [-100, 100]: a fixed shift would underflow whole columns (math.md 2.1)
+    i, t = unit(70, 4), unit(70, 4)
+    if loss == "clip":
+        fn = lambda b, i, t: tilecl.clip_loss(i, t, 100.0, backend=b)  # noqa: E731
+    else:
+        fn = lambda b, i, t: tilecl.siglip_loss(i, t, 100.0, -10.0, backend=b)  # noqa: E731
+    out = both(fn, i, t)
+    check(out, 1e-9)
+    for b in BACKENDS:
+        assert torch.isfinite(out[b][0]) and all(torch.isfinite(g).all() for g in out[b][1])
+
+
+def test_clip_scale_100_fp32_matches_float64():
+    i, t = unit(130, 16), unit(130, 16)
+    ref = tilecl.clip_loss(i, t, 100.0, backend="reference")
+    for b in BACKENDS:
+        got = tilecl.clip_loss(i.float(), t.float(), 100.0, backend=b)
+        assert_rel(got, ref, 1e-5, b)
+
+
+def test_supcon_anchors_without_positives_contribute_zero_and_count():
+    # labels 0..B-1 with one view: no anchor has a positive -> loss 0, gradient 0
+    f = unit(12, 1, 6)
+    out = both(lambda b, f: tilecl.supcon(f, torch.arange(12), backend=b), f)
+    check(out)
+    assert out["torch"][0].item() == 0.0
+    assert out["torch"][1][0].abs().max().item() == 0.0
+    # half the anchors without positives: they count in the mean (HobbitLong HEAD)
+    lab = torch.tensor([0, 0, 1, 2, 3, 4])
+    f = unit(6, 1, 6)
+    rows = tilecl.supcon(f, lab, reduction="none", backend="torch")
+    assert (rows[2:] == 0).all() and (rows[:2] > 0).all()
+    assert tilecl.supcon(f, lab, backend="torch").item() == pytest.approx(rows.sum().item() / 6)
+    check(both(lambda b, f: tilecl.supcon(f, lab, variant="in", backend=b), f))
+
+
+def test_all_masked_rows_dcl_two_samples():
+    # B = 2: each anchor has exactly 2 negatives; with identical pairs the loss is finite
+    z = unit(2, 4)
+    check(both(lambda b, a, c: tilecl.dcl_loss(a, c, backend=b), z, z + 0.01))
+
+
+def test_all_weights_clipped_cclk_weaklysup_row():
+    # a zero weight row: Pn is clamped to 1e-7 and its gradient is dropped (math.md 9.7)
+    b = 6
+    w = torch.rand(b, b, dtype=torch.float64)
+    w.fill_diagonal_(0)
+    w[:, 0] = 0  # anchor 0 gets w_j0 = 0 for every j
+    check(both(lambda bk, z1, z2: tilecl.cclk_loss(z1, z2, w, w, mode="weaklysup", backend=bk),
+               unit(b, 5), unit(b, 5)))
+
+
+def test_hcl_floor_binding():
+    # tiny temperature makes the floor N_n e^(-1/T) negligible; huge tau_plus makes it bind
+    z1, z2 = unit(5, 4), unit(5, 4)
+    check(both(lambda b, a, c: tilecl.hcl_loss(a, c, tau_plus=0.9, backend=b), z1, z2))
+    check(both(lambda b, a, c: tilecl.debiased_loss(a, c, tau_plus=0.0, backend=b), z1, z2))
+
+
+def test_uniformity_two_points_exact():
+    x = torch.tensor([[0.0, 0.0], [3.0, 4.0]], dtype=torch.float64)
+    for b in ["reference"] + BACKENDS:
+        assert tilecl.uniformity_loss(x, t=0.1, backend=b).item() == pytest.approx(-2.5)
+    assert math.isfinite(tilecl.uniformity_loss(unit(3, 2), backend="torch").item())
