@@ -120,3 +120,23 @@ def test_uniformity_two_points_exact():
     for b in ["reference"] + BACKENDS:
         assert tilecl.uniformity_loss(x, t=0.1, backend=b).item() == pytest.approx(-2.5)
     assert math.isfinite(tilecl.uniformity_loss(unit(3, 2), backend="torch").item())
+
+
+def test_clip_column_far_below_the_tile_max_takes_the_exact_path():
+    # every image is e1; text 1 is -e1: its column sits 200 below the tile's row maxima, so the
+    # shared-exponential column sum underflows and the exact column LSE must be used
+    d = 4
+    img = torch.zeros(6, d, dtype=torch.float64)
+    img[:, 0] = 1.0
+    txt = F.normalize(torch.randn(6, d, dtype=torch.float64), dim=1)
+    txt[1] = -img[0]
+    txt[0] = img[0]
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
+        i, t = img.to(dtype), txt.to(dtype)
+        check_pair = both(lambda b, i, t: tilecl.clip_loss(i, t, 100.0, backend=b), i, t)
+        if dtype == torch.float64:
+            check(check_pair, tol)
+        else:
+            ref = tilecl.clip_loss(img, txt, 100.0, backend="reference")
+            for b in BACKENDS:
+                assert_rel(check_pair[b][0], ref, tol, b)
