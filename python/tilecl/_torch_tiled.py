@@ -245,7 +245,7 @@ def backward(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, g_stat
     colg = _safe_lse(col, g_col) if spec.col_lse else None
     dq = torch.zeros(n, q.shape[1], dtype=cdt, device=dev)
     dk = torch.zeros(m, k.shape[1], dtype=cdt, device=dev)
-    gx = torch.zeros(n, dtype=cdt, device=dev)  # sum_j G_ij x_ij (distance logits)
+    gx = torch.zeros(n, dtype=cdt, device=dev)  # dot: <q_i, sum_j G_ij k_j>; dist: sum_j G_ij x_ij
     db = torch.zeros((), dtype=cdt, device=dev)
     for i0, i1 in _row_tiles(n):
         qI, qaI = _rows(spec, q, i0, i1, a, cdt)
@@ -275,12 +275,11 @@ def backward(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, g_stat
                 H = G * fac
                 dq[i0:i1] += H @ kJ - H.sum(1)[:, None] * qI  # [BR, BC] @ [BC, D]
                 dk[j0:j1] += H.T @ qI - H.sum(0)[:, None] * kJ  # [BC, BR] @ [BR, D]
-    if spec.logit == "dot":
-        # dL/da_i = sum_j G_ij <q_i, k_j> = <q_i, sum_j G_ij k_j>  (math.md 1.5)
-        da = (q.to(cdt) * dq).sum(1)
-        dq *= a[:, None]
-    else:
-        da = gx / a  # dx/da = x / a
+        if spec.logit == "dot":  # the row block's dq is complete
+            # dL/da_i = sum_j G_ij <q_i, k_j> = <q_i, sum_j G_ij k_j>  (math.md 1.5)
+            gx[i0:i1] = (qI * dq[i0:i1]).sum(1)
+            dq[i0:i1] *= a[i0:i1, None]
+    da = gx if spec.logit == "dot" else gx / a  # distance logits: dx/da = x / a
     da = da.sum() if alpha.dim() == 0 else da
     return dq, dk, da, (db if bias is not None else None)
 
