@@ -294,7 +294,7 @@ def _direct(name, c: _Ctx):
     if spec.lin:
         gs[spec.i_cnt] = 0.0  # the count has no gradient
     Q, K, A = (t.clone().requires_grad_() for t in (q, k, a))
-    stats, col = tile_stats(spec, Q, K, A, None, g_aux, "torch")
+    stats, col, _ = tile_stats(spec, Q, K, A, None, g_aux, "torch")
     ((gs * stats).sum() + (gc * col).sum() if spec.col_lse else (gs * stats).sum()).backward()
     ql, kl, al = (t.clone().requires_grad_() for t in (q[sl], k[ksl], a[sl]))
     st, cl = distributed.ring_tile_stats(spec, ql, kl, al, None, l_aux, "torch", c.group)

@@ -1,9 +1,12 @@
 """Autograd wrapper of the tile template: one Function for the whole loss family.
 
-``tile_stats`` returns the per-row statistics [S, N] and the column LSE [M] of q against k; its
-backward asks the chosen backend to recompute the tiles (math.md 1.2). The loss-specific
-epilogue (``_family.py``) is O(N) PyTorch code on top, differentiated by autograd, so the
-Function only ever sees dL/d(statistics).
+``tile_stats`` returns the per-row statistics [S, N] and the column LSE [M] of q against k, and
+optionally the positive logits s_pos_i = alpha_i <q_i, k_pos(i)>; its backward asks the chosen
+backend to recompute the tiles (math.md 1.2). The positive pair is an O(N d) gather outside the
+tile loop, but inside the Function (math.md 1.3): its gradient b_i k_pos(i) is added to the
+backend's fp32 dq / dk before they are rounded to the input dtype, so the near-cancellation of
+P_pos - 1 late in training never happens in fp16 / bf16. The loss-specific epilogue
+(``_family.py``) is O(N) PyTorch code on top, differentiated by autograd.
 """
 
 from __future__ import annotations
@@ -16,22 +19,27 @@ from ._spec import TileAux, TileSpec
 
 class TileStatsFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, alpha, bias, spec: TileSpec, aux: TileAux, backend: str):
+    def forward(ctx, q, k, alpha, bias, spec: TileSpec, aux: TileAux, backend: str, pos):
         impl = _backends.get(backend)
         stats, col = impl.forward(spec, q, k, alpha, bias, aux)
         if col is None:
             col = stats.new_zeros(0)
+        ctx.pos = pos
+        s_pos = stats.new_zeros(0)
+        if pos is not None:  # alpha_i <q_i, k_pos(i)> in the statistics' dtype
+            s_pos = (q.to(stats.dtype) * k[pos].to(stats.dtype)).sum(1) * alpha.to(stats.dtype)
         ctx.spec, ctx.aux, ctx.backend = spec, aux, backend
         ctx.single_set = q is k  # z against itself: dz = dq + dk, summed before rounding
         ctx.has_bias = bias is not None
         if any(ctx.needs_input_grad[:4]):
             ctx.save_for_backward(q, k, alpha, bias if bias is not None else alpha.new_zeros(()),
                                   stats, col)
-        ctx.mark_non_differentiable(*(() if spec.col_lse else (col,)))
-        return stats, col
+        ctx.mark_non_differentiable(*(() if spec.col_lse else (col,)),
+                                    *(() if pos is not None else (s_pos,)))
+        return stats, col, s_pos
 
     @staticmethod
-    def backward(ctx, g_stats, g_col):
+    def backward(ctx, g_stats, g_col, g_pos):
         q, k, alpha, bias, stats, col = ctx.saved_tensors
         spec = ctx.spec
         if g_stats is None:
@@ -44,20 +52,44 @@ class TileStatsFunction(torch.autograd.Function):
             spec, q, k, alpha, bias if ctx.has_bias else None, ctx.aux,
             stats, col if spec.col_lse else None, g_stats.to(stats.dtype),
             g_col.to(col.dtype) if spec.col_lse else None, needs)
-        if ctx.single_set:  # z against itself: dz = dq + dk, rounded to the input dtype once
+        if ctx.pos is not None and g_pos is not None:
+            dq, dk, da = _add_positive(q, k, alpha, ctx.pos, g_pos, dq, dk, da, needs, stats.dtype)
+        if ctx.single_set and dq is not None and dk is not None:
+            # z against itself: dz = dq + dk, rounded to the input dtype once
             dq, dk = dq + dk, None
         return (_cast(dq, q, needs[0]), _cast(dk, k, needs[1]), _cast(da, alpha, needs[2]),
-                _cast(db, bias, needs[3]), None, None, None)
+                _cast(db, bias, needs[3]), None, None, None, None)
+
+
+def _add_positive(q, k, alpha, pos, g_pos, dq, dk, da, needs, cdt):
+    """s_pos_i = a_i <q_i, k_p(i)>: dq_i += a_i g_i k_p(i), dk_p(i) += a_i g_i q_i,
+    da_i += g_i <q_i, k_p(i)>, all in the backend's fp32 (fp64) accumulators."""
+    a = alpha.to(cdt)
+    g = g_pos.to(cdt)
+    kp = k[pos].to(cdt)
+    qc = q.to(cdt)
+    coef = g * a  # [N]
+    if needs[0]:
+        dq = dq + coef[:, None] * kp
+    if needs[1]:
+        dk = dk.index_add(0, pos, coef[:, None] * qc)
+    if needs[2] and da is not None:
+        dot = g * (qc * kp).sum(1)
+        da = da + (dot.sum() if alpha.dim() == 0 else dot)
+    return dq, dk, da
 
 
 def _cast(grad, like, needed):
     return grad.to(like.dtype) if (needed and grad is not None) else None
 
 
-def tile_stats(spec: TileSpec, q, k, alpha, bias=None, aux: TileAux = None, backend="torch"):
+def tile_stats(spec: TileSpec, q, k, alpha, bias=None, aux: TileAux = None, backend="torch",
+               pos=None):
     """Statistics of rows q [N, D] against columns k [M, D] (see ``_spec.py``).
 
-    alpha: 0-dim or [N] float tensor (the logit scale; 1 / temperature), bias: 0-dim or None.
-    Returns (stats [S, N] fp32, col_lse [M] fp32, empty unless ``spec.col_lse``).
+    alpha: 0-dim or [N] float tensor (the logit scale; 1 / temperature), bias: 0-dim or None,
+    pos: [N] int64 local column of each row's positive (dot logits), or None.
+    Returns (stats [S, N] fp32, col_lse [M] fp32, empty unless ``spec.col_lse``,
+    s_pos [N] = alpha_i <q_i, k_pos(i)> fp32, empty unless ``pos`` is given).
     """
-    return TileStatsFunction.apply(q, k, alpha, bias, spec, aux or TileAux(), backend)
+    return TileStatsFunction.apply(q, k, alpha, bias, spec, aux or TileAux(), backend, pos)

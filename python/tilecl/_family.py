@@ -30,13 +30,16 @@ def _world(group) -> int:
     return dist.get_world_size(group)
 
 
-def _stats(spec, q, k, alpha, bias, aux, backend, group):
-    """Row statistics of the local rows against the (global) columns."""
+def _stats(spec, q, k, alpha, bias, aux, backend, group, pos=None):
+    """(stats, col_lse, s_pos) of the local rows against the (global) columns; s_pos_i =
+    alpha_i <q_i, k_pos(i)> for a LOCAL positive column pos (None: empty)."""
     if _world(group) > 1:
         from . import distributed
 
-        return distributed.ring_tile_stats(spec, q, k, alpha, bias, aux, backend, group)
-    return tile_stats(spec, q, k, alpha, bias, aux, backend)
+        stats, col = distributed.ring_tile_stats(spec, q, k, alpha, bias, aux, backend, group)
+        s_pos = alpha * _dot(q, k[pos]) if pos is not None else None
+        return stats, col, s_pos
+    return tile_stats(spec, q, k, alpha, bias, aux, backend, pos)
 
 
 def _col_offset(m_local: int, group) -> int:
@@ -89,9 +92,9 @@ def info_nce(query, key, alpha, positive_index, symmetric, reduction, backend, g
     off = _col_offset(key.shape[0], group)
     pos = _arange(n, query) if positive_index is None else positive_index
     spec = TileSpec(sums=(ALL,), col_lse=symmetric)
-    stats, col = _stats(spec, query, key, alpha, None, TileAux(col_offset=off), backend, group)
     # positive_index indexes the rank's LOCAL keys (losses.py checks it against M_local)
-    s_pos = alpha * _dot(query, key[pos] if positive_index is not None else key[:n])
+    stats, col, s_pos = _stats(spec, query, key, alpha, None, TileAux(col_offset=off), backend,
+                               group, pos)
     rows = stats[0] - s_pos
     if symmetric:  # (CE rows + CE columns) / 2 with the diagonal positive (math.md 2.1)
         rows = (rows + col - s_pos) / 2
@@ -108,11 +111,18 @@ def siglip(image, text, alpha, bias, labels, text_labels, reduction, backend, gr
         tl = labels if text_labels is None else text_labels
         spec, aux = TileSpec(positive="label", sigmoid=True), TileAux(labels_q=labels, labels_k=tl)
     aux.col_offset = off
-    stats, _ = _stats(spec, image, text, alpha, bias, aux, backend, group)
+    stats, _, _ = _stats(spec, image, text, alpha, bias, aux, backend, group)
     return _reduce(stats[spec.i_sig], reduction, _global_count(n, group), group)
 
 
 # ---- single-set losses over [z1; z2] (math.md 3, 7, 8) ------------------------------------------
+
+def _partner(z1):
+    """Local index of each row's positive in [z1; z2]: i <-> i + B."""
+    b = z1.shape[0]
+    i = torch.arange(2 * b, device=z1.device)
+    return torch.cat([i[b:], i[:b]])
+
 
 def _two_view(z1, z2, group, backend):
     """z = [z1; z2], the global index of each row (self) and of its positive (i <-> i + B)."""
@@ -127,8 +137,9 @@ def _two_view(z1, z2, group, backend):
 def nt_xent(z1, z2, alpha, convention, reduction, backend, group):
     z, self_idx, pos, off = _two_view(z1, z2, group, backend)
     spec = TileSpec(sums=(ALL,))
-    stats, _ = _stats(spec, z, z, alpha, None, TileAux(excl=self_idx, col_offset=off), backend, group)
-    rows = stats[0] - alpha * _dot(z, z.roll(z1.shape[0], 0))
+    stats, _, s_pos = _stats(spec, z, z, alpha, None, TileAux(excl=self_idx, col_offset=off),
+                             backend, group, _partner(z1))
+    rows = stats[0] - s_pos
     denom = _global_count(z.shape[0], group)
     return _reduce(rows, reduction, denom // 2 if convention == "simclr_tf" else denom, group)
 
@@ -145,8 +156,7 @@ def dcl(z1, z2, alpha, weighted, sigma, reduction, backend, group):
     z, self_idx, pos, off = _two_view(z1, z2, group, backend)
     spec = TileSpec(positive="index", sums=(NEG,))
     aux = TileAux(excl=self_idx, pos=pos, col_offset=off)
-    stats, _ = _stats(spec, z, z, alpha, None, aux, backend, group)
-    s_pos = alpha * _dot(z, z.roll(z1.shape[0], 0))
+    stats, _, s_pos = _stats(spec, z, z, alpha, None, aux, backend, group, _partner(z1))
     w = torch.ones_like(s_pos)
     if weighted:  # DCLW: w_i = 2 - B softmax_k(<z_k, z'_k> / sigma)_i, detached (math.md 8.1)
         u = _dot(z1, z2).detach() / sigma
@@ -160,10 +170,9 @@ def hard_negative(z1, z2, alpha, tau_plus, beta, reduction, backend, group):
     sums = (SumSpec("neg", 1.0 + beta), SumSpec("neg", beta)) if beta > 0 else (NEG,)
     spec = TileSpec(positive="index", sums=sums)
     aux = TileAux(excl=self_idx, pos=pos, col_offset=off)
-    stats, _ = _stats(spec, z, z, alpha, None, aux, backend, group)
+    stats, _, s_pos = _stats(spec, z, z, alpha, None, aux, backend, group, _partner(z1))
     n2 = _global_count(z.shape[0], group)
     n_neg = n2 - 2
-    s_pos = alpha * _dot(z, z.roll(z1.shape[0], 0))
     # log reweight_i = log(sum_j imp_ij neg_ij / mean_j imp_ij) = log N_n + lseA - lseB
     log_rw = math.log(n_neg) + stats[0] - stats[1] if beta > 0 else stats[0]
     # Ng_i = max((reweight_i - tau+ N_n pos_i) / (1 - tau+), N_n e^(-1/T))
@@ -182,7 +191,8 @@ def kernel_info_nce(z1, z2, alpha, gamma, eps, reduction, backend, group):
     """math.md 7.2: x_ij = -||z_i - z_j||^gamma / T, self excluded, eps as in gamma_loss."""
     z, self_idx, _, off = _two_view(z1, z2, group, backend)
     spec = TileSpec(logit="dist", gamma=float(gamma), sums=(ALL,))
-    stats, _ = _stats(spec, z, z, alpha, None, TileAux(excl=self_idx, col_offset=off), backend, group)
+    stats, _, _ = _stats(spec, z, z, alpha, None, TileAux(excl=self_idx, col_offset=off), backend,
+                         group)
     log_eps = math.log(eps)
     # log(clamp(neg, min=eps) + eps)
     log_den = torch.logaddexp(stats[0].clamp_min(log_eps), torch.full_like(stats[0], log_eps))
@@ -202,7 +212,7 @@ def supcon(features, labels, alpha, factor, contrast_mode, variant, reduction, b
     sums = (ALL,) if variant == "out" else (ALL, POS)
     spec = TileSpec(positive="label", sums=sums, lin=variant == "out")
     aux = TileAux(excl=_arange(a, z, off), labels_q=lab[:a], labels_k=lab, col_offset=off)
-    stats, _ = _stats(spec, z[:a], z, alpha, None, aux, backend, group)
+    stats, _, _ = _stats(spec, z[:a], z, alpha, None, aux, backend, group)
     if variant == "out":
         cnt = stats[spec.i_cnt].detach()
         rows = stats[0] - stats[spec.i_lin] / cnt.clamp_min(1)
@@ -249,8 +259,7 @@ def cclk(z1, z2, alpha, weights, factors, mode, reduction, backend, group):
             fa, fb = factors[d]
             aux = TileAux(wa=fa, wb=torch.cat([fb, fb]))
         aux.excl, aux.pos = _arange(b, za, b), _arange(b, za)
-        stats, _ = _stats(spec, za, cols, alpha, None, aux, backend, None)
-        s_pos = alpha * _dot(za, zb)
+        stats, _, s_pos = _stats(spec, za, cols, alpha, None, aux, backend, None, _arange(b, za))
         if mode == "hardneg":
             log_d = torch.logaddexp(s_pos, math.log(b - 1) + stats[0] if b > 1 else
                                     torch.full_like(s_pos, float("-inf")))
@@ -277,7 +286,7 @@ def uniformity(x, alpha, backend, group):
     x = _up(backend, group, x)
     off = _col_offset(n, group)
     spec = TileSpec(logit="dist", gamma=2.0, sums=(ALL,))
-    stats, _ = _stats(spec, x, x, alpha, None, TileAux(excl=_arange(n, x, off), col_offset=off),
+    stats, _, _ = _stats(spec, x, x, alpha, None, TileAux(excl=_arange(n, x, off), col_offset=off),
                       backend, group)
     lse = stats[0]
     if _world(group) > 1:

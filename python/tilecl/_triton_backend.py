@@ -12,7 +12,10 @@ Passes (math.md 1.3, 2.1):
 * backward: a row-parallel launch writes dq (and the per-row sums for the scale and bias
   gradients), a column-parallel launch writes dk; each program owns its output rows and one
   chunk of D, accumulates in fp32 registers and stores once: deterministic, no atomics, no
-  read-modify-write of global memory. Each pass recomputes the tiles (the price of determinism).
+  read-modify-write of global memory. Each pass recomputes the tiles (the price of determinism:
+  4 tile matmuls in the backward instead of 3 with dq atomics), and each D chunk beyond the first
+  recomputes the logits once more; the autotuner weighs that against narrow tiles whose gradient
+  block spans all of D (BD up to 1024, tritonops/configs.py).
 * dalpha = sum_i <q_i, dq_i> / alpha_i (dot logits), sum_j G_ij x_ij / alpha_i (distance logits),
   summed for a 0-dim alpha (math.md 1.5); dbias = sum_ij G_ij for SigLIP (2.2), 0 otherwise
   (exactly what ``_torch_tiled`` returns).
@@ -38,7 +41,7 @@ try:
     import triton
 
     from .tritonops import configs as _configs
-    from .tritonops import lse as _lse  # kernels looked up per call (the tests may reload it)
+    from .tritonops import lse as _lse
 
     _IMPORT_ERROR = None
 except ImportError as exc:  # pragma: no cover - depends on the environment

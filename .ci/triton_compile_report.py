@@ -1,0 +1,216 @@
+"""Compile the tilecl Triton kernels for sm_80 and sm_90 without a GPU and report their resources.
+
+    .venv/bin/python .ci/triton_compile_report.py [--flags clip|supcon|hcl|kernel|siglip ...]
+
+For each kernel pass (forward rows, forward columns = symmetric CLIP's column LSE, backward dq,
+backward dk) at its default config (tritonops/configs.py DEFAULT_FWD / DEFAULT_BWD), each target
+(sm_80, sm_90a) and each input dtype (bf16, fp16; fp32 with tf32 dots on request), prints:
+registers per thread, spill stores / loads (bytes, from ptxas -v), shared memory (bytes,
+Triton's dynamic allocation) and whether the compiled code uses tensor cores (PTX mma.sync /
+wgmma; SASS HMMA / HGMMA). A static check of speed: no spills, tensor cores present. Needs
+triton.compile with a GPUTarget and an ASTSource (Triton >= 3.0) and the ptxas Triton ships;
+exits 0 with a clear message when this Triton cannot do it.
+Exit status 1 only when a kernel fails to compile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+os.environ.pop("TRITON_INTERPRET", None)  # compile the real kernels, not the interpreter's
+
+FLAG_SETS = {  # the constexpr flags of a few losses (see tilecl._triton_backend._flags)
+    "clip": dict(POSITIVE=1, N_SUMS=1, COL_LSE=True),
+    "supcon": dict(HAS_EXCL=True, POSITIVE=2, N_SUMS=2, C0=1),
+    "hcl": dict(HAS_EXCL=True, POSITIVE=1, N_SUMS=2, C0=2, B0=1.5, C1=2, B1=0.5),
+    "kernel": dict(DIST=True, GAMMA=1.0, HAS_EXCL=True, POSITIVE=1, N_SUMS=1),
+    "siglip": dict(HAS_BIAS=True, POSITIVE=2, SIG=True),
+}
+BASE = dict(DIST=False, GAMMA=2.0, HAS_BIAS=False, HAS_EXCL=False, POSITIVE=0, WEIGHT=0, CLIP=0.0,
+            N_SUMS=0, C0=0, B0=1.0, W0=False, C1=0, B1=1.0, W1=False, LIN=False, SIG=False,
+            COL_LSE=False, PRECISION="ieee", UPCAST=False)
+INT_PTRS = ("excl_ptr", "pos_ptr", "labq_ptr", "labk_ptr")
+FP32_PTRS = ("a_ptr", "bias_ptr", "w_ptr", "wa_ptr", "wb_ptr", "st_ptr", "col_ptr", "g_ptr",
+             "colst_ptr", "gc_ptr", "out_ptr", "gsum_ptr", "gx_ptr")
+
+
+def _say_unsupported(why):
+    print(f"triton_compile_report: compiling without a GPU is not possible here: {why}")
+    sys.exit(0)
+
+
+try:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+except Exception as exc:  # old or missing Triton
+    _say_unsupported(f"{type(exc).__name__}: {exc}")
+
+try:
+    from tilecl.tritonops import configs, lse
+except Exception as exc:
+    _say_unsupported(f"cannot import tilecl.tritonops ({exc})")
+
+
+def _jit_fn(kernel):
+    f = kernel
+    while not isinstance(f, triton.runtime.jit.JITFunction):
+        f = f.fn
+    return f
+
+
+def _tool(name):
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    return path if os.path.exists(path) else shutil.which(name)
+
+
+def _signature(fn, dtype, constexprs):
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in ("q_ptr", "k_ptr"):
+            sig[name] = "*" + dtype
+        elif name in INT_PTRS:
+            sig[name] = "*i64"
+        elif name in FP32_PTRS:
+            sig[name] = "*fp32"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+# what Triton's JIT specialises for contiguous inputs with D % 16 == 0: unit strides become
+# constexpr 1, the other sizes and strides are multiples of 16, pointers are 16-byte aligned
+UNIT_STRIDES = dict(s_qd=1, s_kd=1, s_ww=1, s_ar=1, s_br=1, s_od=1)
+DIV16 = ("D", "s_qn", "s_kn", "s_on", "s_st")
+
+
+def _attrs(fn, sig):
+    return {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+            if sig[n].startswith("*") or n in DIV16}
+
+
+def _ptxas_stats(ptx, arch, name):
+    ptxas = _tool("ptxas")
+    if ptxas is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        out = subprocess.run([ptxas, f"-arch={arch}", "-v", src, "-o", os.path.join(tmp, "k.o")],
+                             capture_output=True, text=True)
+    text = out.stdout + out.stderr
+    regs = re.search(r"Used (\d+) registers", text)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    return dict(regs=int(regs.group(1)) if regs else -1,
+                spill_st=int(spill.group(1)) if spill else -1,
+                spill_ld=int(spill.group(2)) if spill else -1)
+
+
+def _sass(cubin):
+    tool = _tool("nvdisasm") or _tool("cuobjdump")
+    if tool is None or cubin is None:
+        return ""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        args = [tool, path] if tool.endswith("nvdisasm") else [tool, "-sass", path]
+        return subprocess.run(args, capture_output=True, text=True).stdout
+
+
+def compile_one(kernel, backward, trans, dtype, cc, flags, config=None):
+    fn = _jit_fn(kernel)
+    cfg = dict(config or (configs.DEFAULT_BWD if backward else configs.DEFAULT_FWD))
+    warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+    constexprs = dict(BASE, **flags, TRANS=trans, **cfg, **UNIT_STRIDES)
+    if dtype == "fp32":  # fp32 inputs at TILECL_TRITON_PRECISION=tf32 (ieee has no mma)
+        constexprs["PRECISION"] = "tf32"
+    if backward:
+        constexprs.update(H16=dtype != "fp32", HSCALE=dtype == "fp16",
+                          PRECISION2=constexprs["PRECISION"])
+    constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
+    sig = _signature(fn, dtype, constexprs)
+    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=_attrs(fn, sig))
+    target = GPUTarget("cuda", cc, 32)
+    ck = triton.compile(src, target=target, options=dict(num_warps=warps, num_stages=stages))
+    ptx = ck.asm.get("ptx", "")
+    arch = "sm_90a" if cc == 90 else f"sm_{cc}"
+    st = _ptxas_stats(ptx, arch, fn.__name__) or dict(regs=-1, spill_st=-1, spill_ld=-1)
+    sass = _sass(ck.asm.get("cubin"))
+    return dict(st, shared=ck.metadata.shared, ptx_mma="mma.sync" in ptx,
+                ptx_wgmma="wgmma" in ptx, sass_hmma="HMMA" in sass, sass_hgmma="HGMMA" in sass,
+                cfg=f"{cfg} w{warps} s{stages}")
+
+
+def _config(text):
+    v = [int(x) for x in text.split(",")]
+    names = ["BM", "BN", "BK", "BD", "num_warps", "num_stages"] if len(v) == 6 else [
+        "BM", "BN", "BK", "num_warps", "num_stages"]
+    if len(v) != len(names):
+        raise argparse.ArgumentTypeError("expected BM,BN,BK[,BD],WARPS,STAGES")
+    return dict(zip(names, v))
+
+
+PASSES = [("fwd rows", lse._lse_fwd_kernel, False, False),
+          ("fwd cols", lse._lse_fwd_kernel, False, True),
+          ("bwd dq", lse._lse_bwd_kernel, True, False),
+          ("bwd dk", lse._lse_bwd_kernel, True, True)]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--flags", nargs="+", default=["clip"], choices=sorted(FLAG_SETS))
+    ap.add_argument("--cc", nargs="+", type=int, default=[80, 90])
+    ap.add_argument("--dtype", nargs="+", default=["bf16", "fp16"], choices=["bf16", "fp16", "fp32"],
+                    help="fp32 means fp32 inputs with tf32 dots")
+    ap.add_argument("--fwd", type=_config, default=None, metavar="BM,BN,BK,WARPS,STAGES",
+                    help="compile this forward config instead of the default")
+    ap.add_argument("--bwd", type=_config, default=None, metavar="BM,BN,BK,BD,WARPS,STAGES",
+                    help="compile this backward config instead of the default")
+    args = ap.parse_args()
+    print(f"triton {triton.__version__}; ptxas {_tool('ptxas')}")
+    hdr = (f"{'flags':7} {'pass':9} {'sm':>3} {'dtype':5} {'regs':>4} {'spill st/ld':>11} "
+           f"{'smem':>6}  tensor cores")
+    print(hdr)
+    print("-" * len(hdr))
+    failed, warn = 0, 0
+    for fname in args.flags:
+        for pname, kernel, backward, trans in PASSES:
+            if pname == "fwd cols" and not FLAG_SETS[fname].get("COL_LSE"):
+                continue
+            for cc in args.cc:
+                for dtype in args.dtype:
+                    try:
+                        r = compile_one(kernel, backward, trans, dtype, cc, FLAG_SETS[fname],
+                                        args.bwd if backward else args.fwd)
+                    except Exception as exc:
+                        if isinstance(exc, (ImportError, RuntimeError)) and "driver" in str(exc):
+                            _say_unsupported(f"{type(exc).__name__}: {exc}")
+                        failed += 1
+                        print(f"{fname:7} {pname:9} {cc:>3} {dtype:5} COMPILE FAILED: "
+                              f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
+                        continue
+                    tc = [n for n, k in (("mma.sync", "ptx_mma"), ("wgmma", "ptx_wgmma"),
+                                         ("HMMA", "sass_hmma"), ("HGMMA", "sass_hgmma")) if r[k]]
+                    ok_tc = bool(tc)
+                    spills = r["spill_st"] + r["spill_ld"]
+                    warn += (not ok_tc) + (spills > 0)
+                    print(f"{fname:7} {pname:9} {cc:>3} {dtype:5} {r['regs']:>4} "
+                          f"{r['spill_st']:>5}/{r['spill_ld']:<5} {r['shared']:>6}  "
+                          f"{' '.join(tc) or 'NONE'}{'  <- SPILLS' if spills > 0 else ''}")
+    print(f"configs: fwd {args.fwd or configs.DEFAULT_FWD}; bwd {args.bwd or configs.DEFAULT_BWD}")
+    print(f"{failed} failed, {warn} warnings (spills or no tensor-core instructions)")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

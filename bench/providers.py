@@ -1,0 +1,234 @@
+"""What is measured: the losses, their random inputs, and the providers that compute them.
+
+A *provider* is one implementation of one loss: every available tilecl backend
+(``tilecl-reference``, ``tilecl-torch``, ``tilecl-triton``, ``tilecl-native``) and the baselines a
+user would otherwise pick, each written here from the official formula (not copied code):
+
+- ``dense``: materialized logits + ``F.cross_entropy`` (both directions for CLIP), the
+  open_clip ``SigLipLoss`` formula for SigLIP, the SupContrast (HobbitLong) formula for SupCon;
+- ``openclip-style``: open_clip ``ClipLoss`` with world_size 1 (two matmuls, logits per image and
+  per text, as open_clip computes them);
+- ``pml``: pytorch-metric-learning ``SupConLoss`` / ``NTXentLoss`` (when installed);
+- CUDA only, when installed: ``inf-cl`` (``inf_cl.cal_flash_loss``, one call per direction),
+  ``memeff`` (``MemoryEfficientCLIPLoss``), ``siglip-kernel`` (``fused_siglip_loss``).
+
+Sizes: ``n`` is always the number of embedding rows of the similarity matrix (N = M = n): CLIP and
+SigLIP take n image and n text rows; SupCon takes n / 2 samples x 2 views; NT-Xent takes two views
+of n / 2 rows each.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+import torch.nn.functional as F
+
+import tilecl
+
+LOSSES = ("clip", "siglip", "supcon", "ntxent")
+CLIP_SCALE = 1 / 0.07  # open_clip's initial logit_scale.exp()
+SIGLIP_SCALE, SIGLIP_BIAS = 10.0, -10.0  # big_vision / open_clip SigLIP init
+SUPCON_TAU = 0.1
+NTXENT_TAU = 0.5
+# Per-provider size caps where memory grows faster than N^2 and a host OOM would kill the run
+# instead of raising: PML's NTXentLoss compares every positive pair with every negative pair
+# (an [N, N^2] mask, O(N^3) memory: 272 MiB at N = 256, 2.1 GiB and 10 s per call at N = 512 on
+# the 2-core CPU).
+MAX_N = {("ntxent", "pml"): {"cpu": 256, "cuda": 2048}}
+
+
+def _optional(module):
+    try:
+        return importlib.import_module(module)
+    except Exception:  # noqa: BLE001 - any import failure means "not installed here"
+        return None
+
+
+# ---- inputs --------------------------------------------------------------------------------------
+
+def _unit(rows, d, dtype, device, gen):
+    x = torch.randn(rows, d, generator=gen, device=device, dtype=torch.float32)
+    return F.normalize(x, dim=1).to(dtype).requires_grad_(True)
+
+
+def _leaf(value, device):
+    return torch.tensor(float(value), device=device, dtype=torch.float32, requires_grad=True)
+
+
+def make_inputs(loss, n, d, dtype, device, seed=0):
+    """One set of random (never zero) inputs for ``loss`` at size n x d; leaves require grad."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    if loss == "clip":
+        return {"a": _unit(n, d, dtype, device, gen), "b": _unit(n, d, dtype, device, gen),
+                "scale": _leaf(CLIP_SCALE, device)}
+    if loss == "siglip":
+        return {"a": _unit(n, d, dtype, device, gen), "b": _unit(n, d, dtype, device, gen),
+                "scale": _leaf(SIGLIP_SCALE, device), "bias": _leaf(SIGLIP_BIAS, device)}
+    half = max(n // 2, 1)
+    if loss == "supcon":
+        feats = _unit(2 * half, d, dtype, device, gen).detach().view(half, 2, d)
+        labels = torch.randint(0, max(half // 8, 2), (half,), generator=gen, device=device)
+        return {"f": feats.requires_grad_(True), "labels": labels}
+    if loss == "ntxent":
+        return {"a": _unit(half, d, dtype, device, gen), "b": _unit(half, d, dtype, device, gen)}
+    raise ValueError(f"unknown loss {loss!r}; expected one of {LOSSES}")
+
+
+def input_bytes(inputs):
+    return sum(t.numel() * t.element_size() for t in inputs.values() if isinstance(t, torch.Tensor))
+
+
+def leaves(inputs):
+    return [t for t in inputs.values() if isinstance(t, torch.Tensor) and t.requires_grad]
+
+
+def flops(loss, mode, n, m=None, d=128):
+    """Nominal matmul flops of one call (2 per multiply-add), the same for every provider.
+
+    One set of LSE statistics over an N x M similarity matrix costs 2 N M D forward (S = Q K^T)
+    and 6 N M D backward (the tiled backends recompute S, then dQ = G K and dK = G^T Q): 8 N M D
+    for forward + backward. Symmetric CLIP reads both LSE directions from the same tiles of the
+    same S, so it counts once (8 N^2 D); SigLIP, SupCon ('all' anchors, N = B V) and NT-Xent
+    (N = 2B) also count one N x N matrix. Dense baselines execute 6 N M D (no recompute):
+    TFLOP/s here is the nominal count divided by the time, so it ranks like the time does.
+    """
+    m = n if m is None else m
+    per = {"fwd": 2, "bwd": 6, "fwd_bwd": 8}[mode]
+    return per * n * m * d
+
+
+# ---- baselines written from the official formulas -------------------------------------------------
+
+def dense_clip(a, b, scale):
+    """Materialized logits, F.cross_entropy over rows and over columns (logits.T), mean of both."""
+    logits = scale * a @ b.T
+    labels = torch.arange(a.shape[0], device=a.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def openclip_style_clip(a, b, scale):
+    """open_clip ClipLoss, world_size 1: logits_per_image and logits_per_text as two matmuls."""
+    logits_per_image = scale * a @ b.T
+    logits_per_text = scale * b @ a.T
+    labels = torch.arange(a.shape[0], device=a.device)
+    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+
+
+def dense_siglip(a, b, scale, bias):
+    """open_clip SigLipLoss, world_size 1: labels 2 I - 1, -sum log sigmoid(labels * logits) / N."""
+    logits = scale * a @ b.T + bias
+    n = a.shape[0]
+    labels = 2 * torch.eye(n, device=a.device, dtype=logits.dtype) - 1
+    return -F.logsigmoid(labels * logits).sum() / n
+
+
+def dense_supcon(features, labels, temperature=SUPCON_TAU, base_temperature=SUPCON_TAU):
+    """SupContrast (HobbitLong) SupConLoss, contrast_mode 'all', transcribed densely."""
+    bsz, views = features.shape[:2]
+    contrast = torch.cat(torch.unbind(features, dim=1), dim=0)  # [V B, D], view-major
+    logits = contrast @ contrast.T / temperature
+    logits = logits - logits.max(dim=1, keepdim=True).values.detach()
+    mask = (labels[:, None] == labels[None, :]).to(logits.dtype).repeat(views, views)
+    not_self = 1 - torch.eye(bsz * views, device=logits.device, dtype=logits.dtype)
+    mask = mask * not_self
+    log_prob = logits - torch.log((torch.exp(logits) * not_self).sum(1, keepdim=True))
+    n_pos = mask.sum(1)
+    n_pos = torch.where(n_pos < 1e-6, torch.ones_like(n_pos), n_pos)
+    mean_log_prob_pos = (mask * log_prob).sum(1) / n_pos
+    return (-(temperature / base_temperature) * mean_log_prob_pos).mean()
+
+
+def dense_ntxent(a, b, temperature=NTXENT_TAU):
+    """SimCLR NT-Xent: [a; b] against itself, self masked, positive i <-> i + B, mean over 2B."""
+    z = torch.cat([a, b])
+    logits = (z @ z.T / temperature).float()
+    eye = torch.eye(z.shape[0], dtype=torch.bool, device=z.device)
+    logits = logits.masked_fill(eye, float("-inf"))
+    pos = torch.arange(z.shape[0], device=z.device).roll(a.shape[0])
+    return F.cross_entropy(logits, pos)
+
+
+# ---- the registry ----------------------------------------------------------------------------------
+
+def _tilecl(loss, backend):
+    if loss == "clip":
+        return lambda x: tilecl.clip_loss(x["a"], x["b"], x["scale"], backend=backend)
+    if loss == "siglip":
+        return lambda x: tilecl.siglip_loss(x["a"], x["b"], x["scale"], x["bias"], backend=backend)
+    if loss == "supcon":
+        return lambda x: tilecl.supcon(x["f"], x["labels"], temperature=SUPCON_TAU,
+                                       base_temperature=SUPCON_TAU, backend=backend)
+    return lambda x: tilecl.nt_xent(x["a"], x["b"], temperature=NTXENT_TAU, backend=backend)
+
+
+def _pml(loss):
+    losses = _optional("pytorch_metric_learning.losses")
+    if losses is None or loss not in ("supcon", "ntxent"):
+        return None
+    if loss == "supcon":
+        fn = losses.SupConLoss(temperature=SUPCON_TAU)
+
+        def run(x):
+            f = x["f"]
+            return fn(torch.cat(torch.unbind(f, 1)), x["labels"].repeat(f.shape[1]))
+        return run
+    fn = losses.NTXentLoss(temperature=NTXENT_TAU)
+
+    def run(x):
+        b = x["a"].shape[0]
+        return fn(torch.cat([x["a"], x["b"]]), torch.arange(b, device=x["a"].device).repeat(2))
+    return run
+
+
+def _inf_cl(d):
+    mod = _optional("inf_cl")
+    if mod is None:
+        return None
+    head = 256 if d % 256 == 0 else d  # inf-cl views the rows as [N, D / head_dim, head_dim]
+
+    def run(x):
+        a, b, s = x["a"], x["b"], x["scale"]
+        return (mod.cal_flash_loss(a, b, scale=s, head_dim=head).mean()
+                + mod.cal_flash_loss(b, a, scale=s, head_dim=head).mean()) / 2
+    return run
+
+
+def _memeff():
+    mod = _optional("memeff")
+    if mod is None:
+        return None
+    fn = mod.MemoryEfficientCLIPLoss(temperature=1 / CLIP_SCALE)  # fixed temperature: no dscale
+    return lambda x: fn(x["a"], x["b"])
+
+
+def _siglip_kernel():
+    mod = _optional("siglip_kernel")
+    if mod is None:
+        return None
+    return lambda x: mod.fused_siglip_loss(x["a"], x["b"], torch.log(x["scale"]), x["bias"])
+
+
+def providers(loss, device, d=128):
+    """{name: fn(inputs) -> 0-dim loss} of every provider that can run ``loss`` on ``device``."""
+    device = torch.device(device)
+    out = {f"tilecl-{name}": _tilecl(loss, name)
+           for name in tilecl.available_backends(device)}
+    if loss == "clip":
+        out["dense"] = lambda x: dense_clip(x["a"], x["b"], x["scale"])
+        out["openclip-style"] = lambda x: openclip_style_clip(x["a"], x["b"], x["scale"])
+    elif loss == "siglip":
+        out["dense"] = lambda x: dense_siglip(x["a"], x["b"], x["scale"], x["bias"])
+    elif loss == "supcon":
+        out["dense"] = lambda x: dense_supcon(x["f"], x["labels"])
+    else:
+        out["dense"] = lambda x: dense_ntxent(x["a"], x["b"])
+    pml = _pml(loss)
+    if pml is not None:
+        out["pml"] = pml
+    if device.type == "cuda":  # the Triton peers are GPU-only
+        extra = {"clip": {"inf-cl": _inf_cl(d), "memeff": _memeff()},
+                 "siglip": {"siglip-kernel": _siglip_kernel()}}.get(loss, {})
+        out.update({k: v for k, v in extra.items() if v is not None})
+    return out
+
