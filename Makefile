@@ -24,9 +24,7 @@ demo: install
 
 test: install
 	$(PY) -m ruff check python tests bench tritonops
-	$(PY) -m pytest -q tests
-	@if [ -f tests/test_triton_backend.py ]; then \
-		TRITON_INTERPRET=1 $(PY) -m pytest -q tests/test_triton_backend.py; fi
+	$(PY) -m pytest -q tests  # tests/test_triton_backend.py sets TRITON_INTERPRET=1 itself
 	@if [ -f .ci/triton_compile_report.py ]; then $(PY) .ci/triton_compile_report.py; fi
 	@if [ -f .ci/compile_cuda.sh ]; then bash .ci/compile_cuda.sh; fi
 

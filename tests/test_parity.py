@@ -31,7 +31,7 @@ def _params():
 def test_fp32_matches_reference(backend, case, n, d, reduction):
     diff, const = case.make(n, d, torch.float32)
     ref_loss, ref_grads = run(case, "reference", reduction,
-                              [x.double() for x in diff], {k: _dbl(v) for k, v in const.items()})
+                              [x.double() for x in diff], {k: _as(v, torch.float64) for k, v in const.items()})
     loss, grads = run(case, backend, reduction, diff, const)
     assert loss.dtype == torch.float32
     # a loss is an O(1) quantity: its error is measured against max(|loss|, 1), so that a loss
@@ -43,19 +43,12 @@ def test_fp32_matches_reference(backend, case, n, d, reduction):
         assert_rel(g, r, 1e-5, f"{case.name} grad of input {i}")
 
 
-def _dbl(v):
+def _as(v, dtype):
+    """A case's constant (tensor, tuple of tensors or other) with float tensors cast to dtype."""
     if isinstance(v, torch.Tensor) and v.is_floating_point():
-        return v.double()
+        return v.to(dtype)
     if isinstance(v, tuple):
-        return tuple(_dbl(x) for x in v)
-    return v
-
-
-def _flt(v):
-    if isinstance(v, torch.Tensor) and v.is_floating_point():
-        return v.float()
-    if isinstance(v, tuple):
-        return tuple(_flt(x) for x in v)
+        return tuple(_as(x, dtype) for x in v)
     return v
 
 
@@ -72,13 +65,13 @@ def _low_params():
 def test_low_precision_no_worse_than_pytorch(backend, case, dtype, n, d):
     diff, const = case.make(n, d, dtype)
     truth = run(case, "reference", "mean", [x.double() for x in diff],
-                {k: _dbl(v) for k, v in const.items()})
+                {k: _as(v, torch.float64) for k, v in const.items()})
     try:
         own = run(case, "reference", "mean", diff, const)
     except RuntimeError:  # cdist / pdist have no CPU kernel in this dtype, or a scalar overflows:
         # PyTorch's own answer is then its fp32 computation on the rounded inputs
         own = run(case, "reference", "mean", [x.float() for x in diff],
-                  {k: _flt(v) for k, v in const.items()})
+                  {k: _as(v, torch.float32) for k, v in const.items()})
         own = (own[0], [g.to(x.dtype) for g, x in zip(own[1], diff)])
     ours = run(case, backend, "mean", diff, const)
     floor = LOW[dtype] / 4
