@@ -30,8 +30,8 @@ def _params():
 @pytest.mark.parametrize("backend,case,n,d,reduction", list(_params()))
 def test_fp32_matches_reference(backend, case, n, d, reduction):
     diff, const = case.make(n, d, torch.float32)
-    ref_loss, ref_grads = run(case, "reference", reduction,
-                              [x.double() for x in diff], {k: _as(v, torch.float64) for k, v in const.items()})
+    ref_loss, ref_grads = run(case, "reference", reduction, [x.double() for x in diff],
+                              {k: _as(v, torch.float64) for k, v in const.items()})
     loss, grads = run(case, backend, reduction, diff, const)
     assert loss.dtype == torch.float32
     # a loss is an O(1) quantity: its error is measured against max(|loss|, 1), so that a loss
