@@ -34,7 +34,7 @@ CASES = [
     "decoupled_uniformity", "zero_info_nce", "zero_clip", "zero_nt_xent", "zero_supcon",
     "zero_siglip", "zero_uniformity", "ddp_clip", "ddp_supcon", "mismatch_d", "mismatch_dtype",
     "mismatch_spec", "bf16_clip", "direct_lowrank", "direct_col",
-    "direct_bf16",
+    "direct_bf16", "cclk_hardneg", "cclk_weaklysup", "decoupled_uniformity_prior", "zero_cclk",
 ]
 DIRECT = ["direct_lowrank", "direct_col", "direct_bf16"]  # ring_tile_stats itself, also on a one-rank ring
 TOLS = {"bf16_clip": 3e-2, "direct_bf16": 2e-2}  # bf16 inputs and transfers vs the float64 reference
@@ -198,6 +198,22 @@ def _case(name, c: _Ctx):  # noqa: C901  (one branch per loss)
                          lambda x, t: tilecl.uniformity_loss(x, t=t, **ring),
                          {"x": F.normalize(_gen(7, n, D), dim=1)}, {"x": sl},
                          {"t": _p(2.0)})
+    if name in ("cclk_hardneg", "cclk_weaklysup", "zero_cclk"):  # low-rank weights travel
+        mode = "weaklysup" if name == "cclk_weaklysup" else "hardneg"
+        cx, cy = _gen(11, n, 3), _gen(12, n, 3)
+        nz = {k: F.normalize(v, dim=1) for k, v in two.items()}
+        return c.compare(lambda z1, z2, tau: tilecl.cclk_loss(
+            z1, z2, conditions=(cx, cy), mode=mode, temperature=tau, backend="reference"),
+            lambda z1, z2, tau: tilecl.cclk_loss(z1, z2, conditions=(cx[sl], cy[sl]), mode=mode,
+                                                 temperature=tau, **ring),
+            nz, two_sl, {"tau": tau})
+    if name == "decoupled_uniformity_prior":  # cosine prior: U^T mu all-reduced
+        prior = _gen(13, n, 2)
+        return c.compare(lambda z, t: tilecl.decoupled_uniformity(z, prior, kernel="cosine", t=t,
+                                                                  backend="reference"),
+                         lambda z, t: tilecl.decoupled_uniformity(z, prior[sl], kernel="cosine",
+                                                                  t=t, **ring),
+                         {"z": _gen(8, n, 3, D)}, {"z": sl}, {"t": _p(1.5)})
     if name == "decoupled_uniformity":
         return c.compare(lambda z, t: tilecl.decoupled_uniformity(z, t=t, backend="reference"),
                          lambda z, t: tilecl.decoupled_uniformity(z, t=t, **ring),

@@ -241,15 +241,19 @@ def cclk(z1, z2, alpha, weights, factors, mode, reduction, backend, group):
     """Per direction: rows z_a vs columns [z_b; z_a], self excluded, weight w_ij = W_{j mod B, i}.
 
     The positive column carries W_ii = 0, so the weighted sum runs over "neg" columns, which is
-    exact for dense W and zeroes the diagonal of a low-rank W in-tile (math.md 5.3).
+    exact for dense W and zeroes the diagonal of a low-rank W in-tile (math.md 5.3). Under the
+    ring (low-rank weights only) each rank's columns are its own [z_b; z_a] and the column
+    factors travel with them.
     """
     b = z1.shape[0]
-    z1, z2 = _up(backend, None, z1, z2)
+    z1, z2 = _up(backend, group, z1, z2)
     wsum = SumSpec("neg", weighted=True)
     sums = (wsum,) if mode == "hardneg" else (wsum, ALL)
     kind = "dense" if weights is not None else "lowrank"
     spec = TileSpec(positive="index", sums=sums, weight=kind, weight_clip=1e-6)
     lo, hi = math.log(1e-7), math.log(1e20)
+    off = _col_offset(2 * b, group)
+    b_all = _global_count(b, group)
     rows = []
     for d, (za, zb) in enumerate(((z1, z2), (z2, z1))):
         cols = torch.cat([zb, za])
@@ -258,23 +262,35 @@ def cclk(z1, z2, alpha, weights, factors, mode, reduction, backend, group):
         else:
             fa, fb = factors[d]
             aux = TileAux(wa=fa, wb=torch.cat([fb, fb]))
-        aux.excl, aux.pos = _arange(b, za, b), _arange(b, za)
-        stats, _, s_pos = _stats(spec, za, cols, alpha, None, aux, backend, None, _arange(b, za))
+        aux.excl, aux.pos, aux.col_offset = _arange(b, za, off + b), _arange(b, za, off), off
+        stats, _, s_pos = _stats(spec, za, cols, alpha, None, aux, backend, group, _arange(b, za))
         if mode == "hardneg":
-            log_d = torch.logaddexp(s_pos, math.log(b - 1) + stats[0] if b > 1 else
+            log_d = torch.logaddexp(s_pos, math.log(b_all - 1) + stats[0] if b_all > 1 else
                                     torch.full_like(s_pos, float("-inf")))
             rows.append(log_d.clamp(lo, hi) - s_pos)
         else:
             log_pn = stats[0].clamp(lo, hi)
             rows.append(torch.logaddexp(log_pn, stats[1]).clamp(lo, hi) - log_pn)
-    return _reduce(torch.cat(rows), reduction, 2 * b, None)
+    return _reduce(torch.cat(rows), reduction, 2 * b_all, group)
 
 
-def cclk_factors(conditions, lam):
+def _gram_all(u, group):
+    """U^T U of the global batch (no gradient: the weights are constants, math.md 5.1)."""
+    g = u.T @ u
+    if _world(group) > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(g, group=group)
+    return g
+
+
+def cclk_factors(conditions, lam, group=None):
     """Low-rank CCL-K weights for the cosine kernel (math.md 5.3): W_ij = u_i^T C u_j (i != j),
-    C = (lam I + U^T U)^-1, U the normalized conditions. Returns (row factors U C, column U)."""
+    C = (lam I + U^T U)^-1, U the normalized conditions of the whole (global) batch.
+    Returns (row factors U C, column factors U) of the local rows."""
     u = F.normalize(conditions.double(), dim=1)
-    c = torch.linalg.inv(lam * torch.eye(u.shape[1], dtype=u.dtype, device=u.device) + u.T @ u)
+    c = torch.linalg.inv(lam * torch.eye(u.shape[1], dtype=u.dtype, device=u.device) +
+                         _gram_all(u, group))
     return (u @ c).to(conditions.dtype), u.to(conditions.dtype)
 
 
@@ -299,15 +315,21 @@ def uniformity(x, alpha, backend, group):
     return total - math.log(ng * (ng - 1))
 
 
-def prior_apply(mu, prior, kernel, sigma, lam):
+def prior_apply(mu, prior, kernel, sigma, lam, group=None):
     """mu <- alpha mu with alpha = (K + lam I)^-1 K (math.md 6.1, no gradient through alpha).
 
-    cosine: low rank, alpha mu = U (lam I + U^T U)^-1 U^T mu in O(B r d); rbf: dense B x B solve.
+    cosine: low rank, alpha mu = U (lam I + U^T U)^-1 U^T mu in O(B r d), under the ring with a
+    differentiable all-reduce of U^T mu ([r, d]); rbf: a dense B x B solve (single process).
     """
     if kernel == "cosine":
         u = F.normalize(prior.detach().double(), dim=1)
-        c = lam * torch.eye(u.shape[1], dtype=u.dtype, device=u.device) + u.T @ u
-        return u.to(mu.dtype) @ torch.linalg.solve(c, u.T @ mu.double()).to(mu.dtype)
+        c = lam * torch.eye(u.shape[1], dtype=u.dtype, device=u.device) + _gram_all(u, group)
+        utmu = u.T @ mu.double()  # [r, B] @ [B, d]
+        if _world(group) > 1:
+            from torch.distributed.nn.functional import all_reduce
+
+            utmu = all_reduce(utmu, group=group)
+        return u.to(mu.dtype) @ torch.linalg.solve(c, utmu).to(mu.dtype)
     from .reference import prior_weights
 
     return prior_weights(prior, kernel=kernel, sigma=sigma, lam=lam).to(mu.dtype) @ mu

@@ -269,7 +269,7 @@ def kernel_info_nce(z1, z2, *, temperature=0.5, gamma=2.0, eps=1e-6, reduction="
 
 
 def cclk_loss(z1, z2, weight_x=None, weight_y=None, *, conditions=None, lam=0.1, temperature=0.5,
-              mode="hardneg", normalize=False, reduction="mean", backend="auto"):
+              mode="hardneg", normalize=False, reduction="mean", backend="auto", group=None):
     """Conditional contrastive learning with kernel, CCL-K (Tsai et al., Crazy-Jack/CCLK-release),
     math.md 5: a cosine critic over [z2 | z1] columns with conditional weights W.
 
@@ -278,9 +278,10 @@ def cclk_loss(z1, z2, weight_x=None, weight_y=None, *, conditions=None, lam=0.1,
     ``conditions`` = (c_x [B, r], c_y [B, r]) for the cosine kernel, whose W is low rank and
     formed in-tile from factors (O(B r) memory). mode "hardneg" (Hard-negative / Fair CCL-K) or
     "weaklysup". normalize=True L2-normalizes z1, z2 first, as the official critic does.
-    reduction "none" gives [2B] terms: view-1 anchors, then view-2 anchors.
+    reduction "none" gives [2B] terms: view-1 anchors, then view-2 anchors. Under the ring
+    (``group=``) only ``conditions`` work: a dense W is a global B x B matrix.
     """
-    _two_views(z1, z2)
+    _two_views(z1, z2, group=group)
     b = z1.shape[0]
     alpha = C.scale(temperature, None, z1)
     C.choice(mode, "mode", ("hardneg", "weaklysup"))
@@ -290,7 +291,10 @@ def cclk_loss(z1, z2, weight_x=None, weight_y=None, *, conditions=None, lam=0.1,
     if (weight_x is None) == (conditions is None):
         raise ValueError("give exactly one of (weight_x, weight_y) and conditions")
     z1, z2 = _normalized(z1, z2, normalize)
-    name = _route(backend, z1.device, None)
+    name = _route(backend, z1.device, group)
+    if weight_x is not None and group is not None:
+        raise ValueError("weight_x / weight_y are global B x B matrices: under group= give "
+                         "conditions (low-rank cosine weights, streamed with the columns)")
     if weight_x is not None:
         for w, wn in ((weight_x, "weight_x"), (weight_y, "weight_y")):
             C.features(w, wn)
@@ -306,7 +310,7 @@ def cclk_loss(z1, z2, weight_x=None, weight_y=None, *, conditions=None, lam=0.1,
     if not isinstance(conditions, (tuple, list)) or len(conditions) != 2:
         raise TypeError("conditions must be a pair (c_x [B, r], c_y [B, r])")
     for c, cn in zip(conditions, ("conditions[0]", "conditions[1]")):
-        C.features(c, cn)
+        C.features(c, cn, allow_empty=group is not None)
         if c.shape[0] != b or c.device != z1.device:
             raise ValueError(f"{cn} must be [{b}, r] on {z1.device}, got {tuple(c.shape)} on "
                              f"{c.device}")
@@ -315,8 +319,8 @@ def cclk_loss(z1, z2, weight_x=None, weight_y=None, *, conditions=None, lam=0.1,
         wx, wy = (reference.cclk_weights(c.detach(), lam=lam) for c in conditions)
         return reference.cclk_loss(z1, z2, wx.to(z1.dtype), wy.to(z1.dtype),
                                    temperature=1 / alpha, mode=mode, reduction=reduction)
-    factors = [_family.cclk_factors(c.detach().to(z1.dtype), lam) for c in conditions]
-    return _family.cclk(z1, z2, alpha, None, factors, mode, reduction, name, None)
+    factors = [_family.cclk_factors(c.detach().to(z1.dtype), lam, group) for c in conditions]
+    return _family.cclk(z1, z2, alpha, None, factors, mode, reduction, name, group)
 
 
 def uniformity_loss(x, *, t=2.0, backend="auto", group=None):
@@ -337,7 +341,7 @@ def decoupled_uniformity(z, prior=None, *, t=2.0, kernel="rbf", sigma=1.0, lam=0
     """Decoupled uniformity (Dufumier et al., Duplums/contrastive-decoupled-uniformity), math.md 6.1:
     centroids mu_i = mean_v normalize(z_iv) of z [B, V, D]; with ``prior`` [B, p] the centroids
     become alpha mu, alpha = (K + lam I)^-1 K (kernel "rbf" with sigma: dense B x B solve;
-    "cosine": low rank, O(B p)); then uniformity with t."""
+    "cosine": low rank, O(B p), also under the ring); then uniformity with t."""
     import torch.nn.functional as F
 
     C.features(z, "z", dim=3, allow_empty=group is not None)
@@ -348,7 +352,7 @@ def decoupled_uniformity(z, prior=None, *, t=2.0, kernel="rbf", sigma=1.0, lam=0
     sigma = C.plain_positive(sigma, "sigma")
     lam = C.plain_positive(lam, "lam")
     if prior is not None:
-        C.features(prior, "prior")
+        C.features(prior, "prior", allow_empty=group is not None)
         if prior.shape[0] != z.shape[0] or prior.device != z.device:
             raise ValueError(f"prior must be [{z.shape[0]}, p] on {z.device}, got "
                              f"{tuple(prior.shape)} on {prior.device}")
@@ -359,8 +363,8 @@ def decoupled_uniformity(z, prior=None, *, t=2.0, kernel="rbf", sigma=1.0, lam=0
     cdt = C.compute_dtype(z)
     mu = F.normalize(z.to(cdt), dim=2).mean(1)  # O(B V D) prologue in fp32
     if prior is not None:
-        if group is not None:
-            raise ValueError("decoupled_uniformity with a prior needs the whole batch: group= "
-                             "is not supported")
-        mu = _family.prior_apply(mu, prior, kernel, sigma, lam)
+        if group is not None and kernel != "cosine":
+            raise ValueError("decoupled_uniformity with an rbf prior needs the whole B x B "
+                             "kernel: under group= use kernel='cosine' (low rank)")
+        mu = _family.prior_apply(mu, prior, kernel, sigma, lam, group)
     return _family.uniformity(mu, alpha, name, group)
