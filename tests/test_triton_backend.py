@@ -21,6 +21,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 _CUDA = torch.cuda.is_available()
 if not _CUDA:
@@ -317,3 +318,28 @@ def test_gpu_tf32(monkeypatch):
     rstats, rcol = _torch_tiled.forward(spec, q, k, alpha, bias, aux)
     assert_close("stats", stats, rstats, 1e-3)
     assert_close("col", col, rcol, 1e-3)
+
+
+@pytest.mark.parametrize("name", ["clip", "nt_xent", "siglip", "supcon"])
+def test_torch_compile_traces_public_loss_without_graph_breaks(name):
+    """Issue 3 item 6: a public loss on the triton backend compiles with fullgraph=True (custom
+    ops with fake implementations, backend resolution constant-folded) and matches eager."""
+    import tilecl
+
+    fns = {
+        "clip": lambda q, k: tilecl.clip_loss(q, k, 14.0, backend="triton"),
+        "nt_xent": lambda q, k: tilecl.nt_xent(q, k, temperature=0.5, backend="triton"),
+        "siglip": lambda q, k: tilecl.siglip_loss(q, k, 10.0, -5.0, backend="triton"),
+        "supcon": lambda q, k: tilecl.supcon(torch.stack([q, k], 1), torch.arange(33) % 4,
+                                             temperature=0.1, backend="triton"),
+    }
+    torch._dynamo.reset()
+    q0, k0 = F.normalize(torch.randn(33, 16), dim=1), F.normalize(torch.randn(33, 16), dim=1)
+    out = []
+    for fn in (fns[name], torch.compile(fns[name], fullgraph=True, backend="aot_eager")):
+        q, k = q0.clone().requires_grad_(), k0.clone().requires_grad_()
+        loss = fn(q, k)
+        loss.backward()
+        out.append((loss.detach(), q.grad, k.grad))
+    for a, b in zip(out[0], out[1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

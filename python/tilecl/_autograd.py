@@ -20,6 +20,8 @@ from ._spec import TileAux, TileSpec
 class TileStatsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, alpha, bias, spec: TileSpec, aux: TileAux, backend: str, pos):
+        ctx.single_set = k is None  # z against itself: dz = dq + dk, summed before rounding
+        k = q if k is None else k  # (one tensor input: torch.compile traces no duplicate inputs)
         impl = _backends.get(backend)
         stats, col = impl.forward(spec, q, k, alpha, bias, aux)
         if col is None:
@@ -29,11 +31,10 @@ class TileStatsFunction(torch.autograd.Function):
         if pos is not None:  # alpha_i <q_i, k_pos(i)> in the statistics' dtype
             s_pos = (q.to(stats.dtype) * k[pos].to(stats.dtype)).sum(1) * alpha.to(stats.dtype)
         ctx.spec, ctx.aux, ctx.backend = spec, aux, backend
-        ctx.single_set = q is k  # z against itself: dz = dq + dk, summed before rounding
         ctx.has_bias = bias is not None
         if any(ctx.needs_input_grad[:4]):
-            ctx.save_for_backward(q, k, alpha, bias if bias is not None else alpha.new_zeros(()),
-                                  stats, col)
+            ctx.save_for_backward(q, None if ctx.single_set else k, alpha,
+                                  bias if bias is not None else alpha.new_zeros(()), stats, col)
         ctx.mark_non_differentiable(*(() if spec.col_lse else (col,)),
                                     *(() if pos is not None else (s_pos,)))
         return stats, col, s_pos
@@ -41,6 +42,7 @@ class TileStatsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_stats, g_col, g_pos):
         q, k, alpha, bias, stats, col = ctx.saved_tensors
+        k = q if ctx.single_set else k
         spec = ctx.spec
         if g_stats is None:
             g_stats = torch.zeros_like(stats)
@@ -48,15 +50,17 @@ class TileStatsFunction(torch.autograd.Function):
             g_col = torch.zeros_like(col)
         impl = _backends.get(ctx.backend)
         needs = ctx.needs_input_grad[:4]
+        if ctx.single_set:  # the backend computes both sides of z against itself
+            needs = (needs[0], needs[0]) + tuple(needs[2:])
         dq, dk, da, db = impl.backward(
             spec, q, k, alpha, bias if ctx.has_bias else None, ctx.aux,
             stats, col if spec.col_lse else None, g_stats.to(stats.dtype),
             g_col.to(col.dtype) if spec.col_lse else None, needs)
         if ctx.pos is not None and g_pos is not None:
             dq, dk, da = _add_positive(q, k, alpha, ctx.pos, g_pos, dq, dk, da, needs, stats.dtype)
-        if ctx.single_set and dq is not None and dk is not None:
-            # z against itself: dz = dq + dk, rounded to the input dtype once
-            dq, dk = dq + dk, None
+        if ctx.single_set:  # z against itself: dz = dq + dk, rounded to the input dtype once
+            dq = dq + dk if (dq is not None and dk is not None) else dq
+            dk = None
         return (_cast(dq, q, needs[0]), _cast(dk, k, needs[1]), _cast(da, alpha, needs[2]),
                 _cast(db, bias, needs[3]), None, None, None, None)
 
@@ -92,4 +96,5 @@ def tile_stats(spec: TileSpec, q, k, alpha, bias=None, aux: TileAux = None, back
     Returns (stats [S, N] fp32, col_lse [M] fp32, empty unless ``spec.col_lse``,
     s_pos [N] = alpha_i <q_i, k_pos(i)> fp32, empty unless ``pos`` is given).
     """
-    return TileStatsFunction.apply(q, k, alpha, bias, spec, aux or TileAux(), backend, pos)
+    return TileStatsFunction.apply(q, None if k is q else k, alpha, bias, spec, aux or TileAux(),
+                                   backend, pos)

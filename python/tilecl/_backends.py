@@ -86,6 +86,12 @@ def resolve(backend: str, device: torch.device) -> str:
     return backend
 
 
+# torch.compile runs resolve() eagerly and uses its result as a constant (it imports modules,
+# which dynamo does not trace). This is what torch._dynamo.assume_constant_result sets; setting
+# it directly keeps `import tilecl` from importing torch._dynamo (and through it triton).
+resolve._dynamo_marked_constant = True
+
+
 def _auto(device: torch.device) -> str:
     if device.type == "cuda":
         for name in ("triton", "native"):
