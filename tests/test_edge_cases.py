@@ -140,3 +140,31 @@ def test_clip_column_far_below_the_tile_max_takes_the_exact_path():
             ref = tilecl.clip_loss(img, txt, 100.0, backend="reference")
             for b in BACKENDS:
                 assert_rel(check_pair[b][0], ref, tol, b)
+
+
+def test_locked_tower_gets_no_gradient_and_saves_the_matmul():
+    # LiT: the text tower is frozen; its gradient is never formed (one matmul per tile less)
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountMM(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.mm = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.mm += func.__name__.startswith("mm")
+            return func(*args, **(kwargs or {}))
+
+    img, txt = unit(70, 8), unit(70, 8).detach()
+    ref = tilecl.clip_loss(img, txt, 14.0, backend="reference")
+    (g_ref,) = torch.autograd.grad(ref, [img])
+    counts = {}
+    for locked in (True, False):
+        t = txt if locked else txt.clone().requires_grad_()
+        loss = tilecl.clip_loss(img, t, 14.0, backend="torch")
+        with CountMM() as mode:
+            grads = torch.autograd.grad(loss, [img] + ([] if locked else [t]))
+        counts[locked] = mode.mm
+        assert_rel(grads[0], g_ref, 1e-10, "image grad")
+    tiles = math.ceil(70 / 16) * math.ceil(70 / 24)
+    assert counts[False] - counts[True] == tiles  # no dk matmul for the frozen side

@@ -243,6 +243,8 @@ def backward(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, g_stat
     nq, nk = _norms(spec, q.to(cdt)), _norms(spec, k.to(cdt))
     lse_g = [_safe_lse(stats[r], g_stats[r]) for r in range(len(spec.sums))]
     colg = _safe_lse(col, g_col) if spec.col_lse else None
+    # dq (the row side) also serves the scale gradient of dot logits (math.md 1.5)
+    want_q, want_k = bool(needs[0] or needs[2]), bool(needs[1])
     dq = torch.zeros(n, q.shape[1], dtype=cdt, device=dev)
     dk = torch.zeros(m, k.shape[1], dtype=cdt, device=dev)
     gx = torch.zeros(n, dtype=cdt, device=dev)  # dot: <q_i, sum_j G_ij k_j>; dist: sum_j G_ij x_ij
@@ -264,9 +266,12 @@ def backward(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, g_stat
             if spec.sigmoid and bias is not None:
                 db += G.sum()
             if spec.logit == "dot":
-                # dq_i = a_i sum_j G_ij k_j (a_i applied after the loop), dk_j = sum_i G_ij a_i q_i
-                dq[i0:i1] += G @ kJ  # [BR, BC] @ [BC, D]
-                dk[j0:j1] += G.T @ qaI  # [BC, BR] @ [BR, D]
+                # dq_i = a_i sum_j G_ij k_j (a_i applied after the loop), dk_j = sum_i G_ij a_i q_i;
+                # a side nobody asked for (a locked tower) costs no matmul
+                if want_q:
+                    dq[i0:i1] += G @ kJ  # [BR, BC] @ [BC, D]
+                if want_k:
+                    dk[j0:j1] += G.T @ qaI  # [BC, BR] @ [BR, D]
             else:
                 # x = -a d2^(g/2): dL/dd2 = -a (g/2) d2^(g/2-1) G ; H = -2 dL/dd2 (math.md 1.4)
                 gx[i0:i1] += (G * x).sum(1)
@@ -275,7 +280,7 @@ def backward(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, g_stat
                 H = G * fac
                 dq[i0:i1] += H @ kJ - H.sum(1)[:, None] * qI  # [BR, BC] @ [BC, D]
                 dk[j0:j1] += H.T @ qI - H.sum(0)[:, None] * kJ  # [BC, BR] @ [BR, D]
-        if spec.logit == "dot":  # the row block's dq is complete
+        if spec.logit == "dot" and want_q:  # the row block's dq is complete
             # dL/da_i = sum_j G_ij <q_i, k_j> = <q_i, sum_j G_ij k_j>  (math.md 1.5)
             gx[i0:i1] = (qI * dq[i0:i1]).sum(1)
             dq[i0:i1] *= a[i0:i1, None]
