@@ -18,7 +18,7 @@ DTYPES = [pytest.param(torch.float64, 1e-10, id="fp64"), pytest.param(torch.floa
 
 
 def _dtype_ok(backend, dtype):
-    if dtype == torch.float64 and backend not in ("reference", "torch"):
+    if dtype == torch.float64 and backend not in ("reference", "torch", "native"):
         pytest.skip(f"{backend} backend: float64 is not a kernel dtype")
 
 

@@ -15,9 +15,14 @@ zeroed because the kernels accumulate into them).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import json
+from typing import List, Optional, Tuple
+
 import torch
 
-from ._spec import COLUMNS, LOGITS, POSITIVES, WEIGHTS, TileAux, TileSpec
+from ._spec import COLUMNS, LOGITS, POSITIVES, WEIGHTS, SumSpec, TileAux, TileSpec
 
 try:
     from . import _C
@@ -108,8 +113,7 @@ def _device_args(t):
     return 1, torch.cuda.current_stream(t.device).cuda_stream
 
 
-def forward(spec: TileSpec, q, k, alpha, bias, aux: TileAux):
-    """Per-row statistics [S, N] and column LSE [M] (or None); see ``_torch_tiled.forward``."""
+def _forward_impl(spec: TileSpec, q, k, alpha, bias, aux: TileAux):
     p = _Prepared(spec, q, k, alpha, bias, aux)
     stats = torch.empty(spec.n_stats, p.n, dtype=p.cdt, device=q.device)
     col = torch.empty(p.m, dtype=p.cdt, device=q.device) if spec.col_lse else None
@@ -121,20 +125,15 @@ def forward(spec: TileSpec, q, k, alpha, bias, aux: TileAux):
         return stats, col
     device, stream = _device_args(q)
     if device == 1 and not _C.has_cuda():
-        from . import _native_rtc
-
-        _native_rtc.forward(p, stats, col, stream)
+        _rtc_launch(p, ("fwd_rows", "fwd_cols") if spec.col_lse else ("fwd_rows",),
+                    {"stats": stats.data_ptr(), "col": _ptr(col)}, q.device, stream)
     else:
         _C.forward(p.spec, p.prob, stats.data_ptr(), _ptr(col), device, stream)
     return stats, col
 
 
-def backward(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, g_stats, g_col,
-             needs=(True, True, True, True)):
-    """(dq, dk, dalpha, dbias) from dL/dstats [S, N] and dL/dcol [M]; see ``_torch_tiled``.
-
-    Gradients nobody asked for (``needs``) are not computed and returned as None.
-    """
+def _backward_impl(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, g_stats, g_col,
+                   needs=(True, True, True, True)):
     p = _Prepared(spec, q, k, alpha, bias, aux)
     cdt, dev, n, m, d = p.cdt, q.device, p.n, p.m, p.d
     dot = spec.logit == "dot"
@@ -153,9 +152,11 @@ def backward(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, g_stat
               "dq": _ptr(dq), "dk": _ptr(dk), "gx": _ptr(gx), "gsum": _ptr(gsum)}
         device, stream = _device_args(q)
         if device == 1 and not _C.has_cuda():
-            from . import _native_rtc
-
-            _native_rtc.backward(p, io, stream)
+            modes = (("bwd_dq",) if (dq is not None or gx is not None or gsum is not None) else ()) + (
+                ("bwd_dk",) if dk is not None else ())
+            rtc_io = {("stats_in" if key == "stats" else "col_in" if key == "col" else key): v
+                      for key, v in io.items()}
+            _rtc_launch(p, modes, rtc_io, q.device, stream)
         else:
             _C.backward(p.spec, p.prob, io, device, stream)
     da = None
@@ -167,6 +168,179 @@ def backward(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, g_stat
     if bias is not None and needs[3]:
         db = gsum.sum() if gsum is not None else torch.zeros((), dtype=cdt, device=dev)
     return (dq if needs[0] else None), dk, da, db
+
+
+# ---- torch.library custom ops (torch.compile sees one opaque op with a fake implementation) ----
+# The TileSpec travels as a JSON string, the TileAux tensors as optional arguments; absent outputs
+# are empty tensors inside the op and None outside.
+
+_AUX_FIELDS = ("excl", "pos", "labels_q", "labels_k", "weight", "wa", "wb")
+
+
+def _spec_key(spec: TileSpec) -> str:
+    return json.dumps(dataclasses.asdict(spec), sort_keys=True)
+
+
+@functools.lru_cache(maxsize=256)
+def _spec_of(key: str) -> TileSpec:
+    d = json.loads(key)
+    d["sums"] = tuple(SumSpec(**s) for s in d["sums"])
+    return TileSpec(**d)
+
+
+def _aux_of(aux_tensors, col_offset) -> TileAux:
+    return TileAux(**dict(zip(_AUX_FIELDS, aux_tensors)), col_offset=col_offset)
+
+
+@torch.library.custom_op("tilecl::native_tile_fwd", mutates_args=())
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, alpha: torch.Tensor, bias: Optional[torch.Tensor],
+            excl: Optional[torch.Tensor], pos: Optional[torch.Tensor], labels_q: Optional[torch.Tensor],
+            labels_k: Optional[torch.Tensor], weight: Optional[torch.Tensor], wa: Optional[torch.Tensor],
+            wb: Optional[torch.Tensor], col_offset: int, spec: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    sp = _spec_of(spec)
+    stats, col = _forward_impl(sp, q, k, alpha, bias,
+                               _aux_of((excl, pos, labels_q, labels_k, weight, wa, wb), col_offset))
+    return stats, (col if col is not None else stats.new_empty(0))
+
+
+@_fwd_op.register_fake
+def _fwd_fake(q, k, alpha, bias, excl, pos, labels_q, labels_k, weight, wa, wb, col_offset, spec):
+    sp, cdt = _spec_of(spec), compute_dtype(q)
+    return (q.new_empty((sp.n_stats, q.shape[0]), dtype=cdt),
+            q.new_empty((k.shape[0] if sp.col_lse else 0,), dtype=cdt))
+
+
+@torch.library.custom_op("tilecl::native_tile_bwd", mutates_args=())
+def _bwd_op(q: torch.Tensor, k: torch.Tensor, alpha: torch.Tensor, bias: Optional[torch.Tensor],
+            excl: Optional[torch.Tensor], pos: Optional[torch.Tensor], labels_q: Optional[torch.Tensor],
+            labels_k: Optional[torch.Tensor], weight: Optional[torch.Tensor], wa: Optional[torch.Tensor],
+            wb: Optional[torch.Tensor], col_offset: int, spec: str, stats: torch.Tensor,
+            col: Optional[torch.Tensor], g_stats: torch.Tensor, g_col: Optional[torch.Tensor],
+            needs: List[bool]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    sp = _spec_of(spec)
+    out = _backward_impl(sp, q, k, alpha, bias,
+                         _aux_of((excl, pos, labels_q, labels_k, weight, wa, wb), col_offset),
+                         stats, col, g_stats, g_col, tuple(needs))
+    return tuple(t if t is not None else stats.new_empty(0) for t in out)  # no aliased returns
+
+
+@_bwd_op.register_fake
+def _bwd_fake(q, k, alpha, bias, excl, pos, labels_q, labels_k, weight, wa, wb, col_offset, spec,
+              stats, col, g_stats, g_col, needs):
+    cdt = compute_dtype(q)
+    shapes = (q.shape if needs[0] else (0,), k.shape if needs[1] else (0,),
+              alpha.shape if needs[2] else (0,), () if (needs[3] and bias is not None) else (0,))
+    return tuple(q.new_empty(shape, dtype=cdt) for shape in shapes)
+
+
+def forward(spec: TileSpec, q, k, alpha, bias, aux: TileAux):
+    """Per-row statistics [S, N] and column LSE [M] (or None); see ``_torch_tiled.forward``."""
+    aux_t = [getattr(aux, f) for f in _AUX_FIELDS]
+    stats, col = _fwd_op(q, k, alpha, bias, *aux_t, int(aux.col_offset), _spec_key(spec))
+    return stats, (col if spec.col_lse else None)
+
+
+def backward(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, g_stats, g_col,
+             needs=(True, True, True, True)):
+    """(dq, dk, dalpha, dbias) from dL/dstats [S, N] and dL/dcol [M]; see ``_torch_tiled``.
+
+    Gradients nobody asked for (``needs``) are not computed and returned as None.
+    """
+    aux_t = [getattr(aux, f) for f in _AUX_FIELDS]
+    needs = [bool(x) for x in needs]
+    out = _bwd_op(q, k, alpha, bias, *aux_t, int(aux.col_offset), _spec_key(spec), stats,
+                  col if spec.col_lse else None, g_stats, g_col if spec.col_lse else None, needs)
+    keep = (needs[0], needs[1], needs[2], needs[3] and bias is not None)
+    return tuple(t if w else None for t, w in zip(out, keep))
+
+
+# ---- NVRTC fallback: the same device code (tilecl._C.rtc_source()) through CuPy's RawModule ----
+# Used for CUDA tensors when tilecl._C was built without nvcc. The kernels take a pointer to a
+# KParams (csrc/cuda/tile_kernels.cuh) in device memory; the ctypes mirror below must keep its
+# field order and types (natural alignment, the same on host and device for x86-64 / aarch64).
+
+_RTC_MODES = {"fwd_rows": 0, "fwd_cols": 1, "bwd_dq": 2, "bwd_dk": 3}
+_RTC_TYPES = {0: "float", 2: "__half", 3: "__nv_bfloat16"}
+_rtc_cache: dict = {}
+
+
+def _kparams_type():
+    import ctypes as c
+
+    class Spec(c.Structure):
+        _fields_ = [("logit", c.c_int), ("gamma", c.c_double), ("positive", c.c_int),
+                    ("n_sums", c.c_int), ("cols", c.c_int * 2), ("beta", c.c_double * 2),
+                    ("weighted", c.c_int * 2), ("lin", c.c_int), ("sigmoid", c.c_int),
+                    ("col_lse", c.c_int), ("weight", c.c_int), ("weight_clip", c.c_double)]
+
+    class Aux(c.Structure):
+        _fields_ = [("excl", c.c_void_p), ("pos", c.c_void_p), ("labels_q", c.c_void_p),
+                    ("labels_k", c.c_void_p), ("weight", c.c_void_p), ("mw", c.c_int64),
+                    ("wa", c.c_void_p), ("wb", c.c_void_p), ("rank", c.c_int64),
+                    ("col_offset", c.c_int64)]
+
+    ptrs = ["stats", "col", "stats_in", "col_in", "g_stats", "g_col", "dq", "dk", "gx", "gsum"]
+
+    class KParams(c.Structure):
+        _fields_ = ([("spec", Spec), ("n", c.c_int64), ("m", c.c_int64), ("d", c.c_int64),
+                     ("q", c.c_void_p), ("sq0", c.c_int64), ("sq1", c.c_int64),
+                     ("k", c.c_void_p), ("sk0", c.c_int64), ("sk1", c.c_int64),
+                     ("alpha", c.c_void_p), ("bias", c.c_void_p), ("aux", Aux)]
+                    + [(name, c.c_void_p) for name in ptrs])
+
+    return KParams
+
+
+def _rtc_module():
+    if "module" not in _rtc_cache:
+        import cupy
+
+        names = [f"tilecl::tile_kernel_rtc<{t},{mode},{dist}>" for t in _RTC_TYPES.values()
+                 for mode in range(4) for dist in ("false", "true")]
+        mod = cupy.RawModule(code=_C.rtc_source(), options=("-std=c++17", "-DTILECL_RTC_CONCAT"),
+                             name_expressions=names)
+        _rtc_cache["module"] = mod
+        _rtc_cache["KParams"] = _kparams_type()
+    return _rtc_cache["module"], _rtc_cache["KParams"]
+
+
+def _rtc_launch(p: "_Prepared", modes, outs: dict, device, stream):
+    """Launch the NVRTC-compiled kernels ``modes`` on ``stream`` (CuPy; untested without a GPU)."""
+    import cupy
+    import numpy as np
+
+    if p.prob["dtype"] not in _RTC_TYPES:
+        raise RuntimeError("the native CUDA kernels take float32, float16 or bfloat16 inputs")
+    mod, KParams = _rtc_module()
+    kp = KParams()
+    s = p.spec
+    kp.spec.logit, kp.spec.gamma, kp.spec.positive, kp.spec.n_sums = (
+        s["logit"], s["gamma"], s["positive"], s["n_sums"])
+    for i in range(s["n_sums"]):
+        kp.spec.cols[i], kp.spec.beta[i], kp.spec.weighted[i] = s["cols"][i], s["beta"][i], s["weighted"][i]
+    for key in ("lin", "sigmoid", "col_lse", "weight", "weight_clip"):
+        setattr(kp.spec, key, s[key])
+    pr = p.prob
+    for key in ("n", "m", "d", "q", "sq0", "sq1", "k", "sk0", "sk1", "alpha", "bias"):
+        setattr(kp, key, pr[key] or None if key in ("q", "k", "alpha", "bias") else pr[key])
+    for key in ("excl", "pos", "labels_q", "labels_k", "weight", "wa", "wb"):
+        setattr(kp.aux, key, pr[key] or None)
+    kp.aux.mw, kp.aux.rank, kp.aux.col_offset = pr["mw"], pr["rank"], pr["col_offset"]
+    for key, v in outs.items():
+        setattr(kp, key, v or None)
+    raw = bytes(memoryview(kp).cast("B"))
+    buf = torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(device, non_blocking=False)
+    t = _RTC_TYPES[pr["dtype"]]
+    dist = "true" if s["logit"] == 1 else "false"
+    with cupy.cuda.Device(device.index), cupy.cuda.ExternalStream(stream):
+        for mode in modes:
+            size = pr["n"] if mode in ("fwd_rows", "bwd_dq") else pr["m"]
+            blocks = (size + 63) // 64
+            if blocks == 0:
+                continue
+            fn = mod.get_function(f"tilecl::tile_kernel_rtc<{t},{_RTC_MODES[mode]},{dist}>")
+            fn((blocks,), (128,), (np.uint64(buf.data_ptr()),))
+    # buf may be freed now: the caching allocator reuses it only in the order of this stream
 
 
 def unavailable(device):

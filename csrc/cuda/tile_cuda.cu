@@ -1,0 +1,102 @@
+// tile_cuda.cu: host launchers of the CUDA tile template (tile_kernels.cuh). Launch on the
+// caller's stream, check every launch; the kernels write (forward) or accumulate (backward)
+// into buffers the caller allocated. fp32 compute for fp32 / fp16 / bf16 inputs.
+#include <cuda_runtime.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "../tile_api.h"
+#include "tile_kernels.cuh"
+
+namespace tilecl {
+namespace {
+
+void check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("tilecl CUDA ") + what + ": " + cudaGetErrorString(err));
+}
+
+KParams make_params(const Problem& p) {
+  KParams k{};
+  k.spec = p.spec;
+  k.n = p.n;
+  k.m = p.m;
+  k.d = p.d;
+  k.q = p.q;
+  k.sq0 = p.sq0;
+  k.sq1 = p.sq1;
+  k.k = p.k;
+  k.sk0 = p.sk0;
+  k.sk1 = p.sk1;
+  k.alpha = static_cast<const float*>(p.alpha);
+  k.bias = static_cast<const float*>(p.bias);
+  k.aux.excl = p.excl;
+  k.aux.pos = p.pos;
+  k.aux.labels_q = p.labels_q;
+  k.aux.labels_k = p.labels_k;
+  k.aux.weight = static_cast<const float*>(p.weight);
+  k.aux.mw = p.mw;
+  k.aux.wa = static_cast<const float*>(p.wa);
+  k.aux.wb = static_cast<const float*>(p.wb);
+  k.aux.rank = p.rank;
+  k.aux.col_offset = p.col_offset;
+  return k;
+}
+
+template <typename Tin, int MODE, bool DIST>
+void launch(const KParams& kp, int64_t blocks, cudaStream_t stream) {
+  if (blocks <= 0) return;
+  if (blocks > 0x7fffffffLL) throw std::runtime_error("tilecl CUDA: too many blocks");
+  tile_kernel<Tin, MODE, DIST><<<dim3(static_cast<unsigned>(blocks)), dim3(kThreads), 0, stream>>>(kp);
+  check(cudaGetLastError(), "kernel launch");
+}
+
+// dtype code and logit kind -> template parameters (the BOOL_SWITCH of the CUDA side)
+template <int MODE>
+void run_mode(const Problem& p, const KParams& kp, int64_t blocks, cudaStream_t stream) {
+  const bool dist = p.spec.logit == LOGIT_DIST;
+  switch (p.dtype) {
+    case DT_F32:
+      return dist ? launch<float, MODE, true>(kp, blocks, stream)
+                  : launch<float, MODE, false>(kp, blocks, stream);
+    case DT_F16:
+      return dist ? launch<__half, MODE, true>(kp, blocks, stream)
+                  : launch<__half, MODE, false>(kp, blocks, stream);
+    case DT_BF16:
+      return dist ? launch<__nv_bfloat16, MODE, true>(kp, blocks, stream)
+                  : launch<__nv_bfloat16, MODE, false>(kp, blocks, stream);
+    default:
+      throw std::invalid_argument("tilecl CUDA: float32, float16 and bfloat16 inputs only");
+  }
+}
+
+int64_t blocks_of(int64_t size) { return (size + kBM - 1) / kBM; }
+
+}  // namespace
+
+void cuda_forward(const Problem& p, const ForwardOut& out, void* stream) {
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  KParams kp = make_params(p);
+  kp.stats = static_cast<float*>(out.stats);
+  kp.col = static_cast<float*>(out.col);
+  run_mode<MODE_FWD_ROWS>(p, kp, blocks_of(p.n), s);
+  if (p.spec.col_lse) run_mode<MODE_FWD_COLS>(p, kp, blocks_of(p.m), s);
+}
+
+void cuda_backward(const Problem& p, const BackwardIO& io, void* stream) {
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  KParams kp = make_params(p);
+  kp.stats_in = static_cast<const float*>(io.stats);
+  kp.col_in = static_cast<const float*>(io.col);
+  kp.g_stats = static_cast<const float*>(io.g_stats);
+  kp.g_col = static_cast<const float*>(io.g_col);
+  kp.dq = static_cast<float*>(io.dq);
+  kp.dk = static_cast<float*>(io.dk);
+  kp.gx = static_cast<float*>(io.gx);
+  kp.gsum = static_cast<float*>(io.gsum);
+  if (kp.dq || kp.gx || kp.gsum) run_mode<MODE_BWD_DQ>(p, kp, blocks_of(p.n), s);
+  if (kp.dk) run_mode<MODE_BWD_DK>(p, kp, blocks_of(p.m), s);
+}
+
+}  // namespace tilecl

@@ -1,0 +1,71 @@
+// tile_api.h: the host-side entry points of the native backend (CPU always, CUDA when built).
+// Raw pointers, sizes, strides (in elements), dtype codes and a stream handle; no torch.
+// The Python side (python/tilecl/_native_backend.py) fills these structs through bindings.cpp.
+#pragma once
+
+#include <stdint.h>
+
+#include "tile_math.h"
+
+namespace tilecl {
+
+// One (row block, column block) problem: q [N, D] against k [M, D] (any strides, dtype code
+// `dtype`), per-row scale alpha [N] and optional scalar bias in the COMPUTE type (float64 for
+// float64 inputs, float32 otherwise), side data of TileAux (weights/factors in the compute type,
+// contiguous; index/label vectors int64, contiguous).
+struct Problem {
+  Spec spec;
+  int dtype;  // DType of q and k
+  int64_t n, m, d;
+  const void* q;
+  int64_t sq0, sq1;
+  const void* k;
+  int64_t sk0, sk1;
+  const void* alpha;  // [N]
+  const void* bias;   // scalar or null
+  const int64_t* excl;
+  const int64_t* pos;
+  const int64_t* labels_q;
+  const int64_t* labels_k;
+  const void* weight;  // [N, mw]
+  int64_t mw;
+  const void* wa;  // [N, rank]
+  const void* wb;  // [M, rank]
+  int64_t rank;
+  int64_t col_offset;
+  int threads;  // CPU threads (<= 0: OpenMP default)
+};
+
+// Forward outputs (compute type, contiguous, written, not accumulated):
+//   stats [S, N] (TileSpec layout), col [M] (column LSE, spec.col_lse only).
+struct ForwardOut {
+  void* stats;
+  void* col;
+};
+
+// Backward inputs (compute type, contiguous): saved stats [S, N], col [M], their upstream
+// gradients g_stats [S, N], g_col [M]. Outputs are ACCUMULATED into (the caller zeroes them):
+//   dq [N, D], dk [M, D]          (null: not needed)
+//   gx [N]   = sum_j G_ij x_ij    (distance logits: dL/dalpha_i = gx_i / alpha_i)
+//   gsum [N] = sum_j G_ij         (SigLIP bias: dL/db = sum_i gsum_i); null when not needed
+struct BackwardIO {
+  const void* stats;
+  const void* col;
+  const void* g_stats;
+  const void* g_col;
+  void* dq;
+  void* dk;
+  void* gx;
+  void* gsum;
+};
+
+void cpu_forward(const Problem& p, const ForwardOut& out);
+void cpu_backward(const Problem& p, const BackwardIO& io);
+
+#ifdef TILECL_WITH_CUDA
+// Launch on `stream` (a cudaStream_t as an integer); throws std::runtime_error on a CUDA error.
+void cuda_forward(const Problem& p, const ForwardOut& out, void* stream);
+void cuda_backward(const Problem& p, const BackwardIO& io, void* stream);
+#endif
+
+}  // namespace tilecl

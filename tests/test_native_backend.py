@@ -1,0 +1,325 @@
+"""The native backend (tilecl._C) against the torch tiled backend, for every flag combination the
+losses use, on odd shapes, through ``tile_stats(..., backend="native")``: statistics, column LSE
+and the gradients of q, k, alpha and bias under a random upstream gradient.
+
+CPU: float64 to ~1e-10, float32 to a max-relative error of 1e-5, fp16/bf16 inputs (converted per
+tile; same fp32 math as the torch backend). GPU-marked tests run the CUDA kernels when present.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tilecl import _backends
+from tilecl._autograd import tile_stats
+from tilecl._spec import SumSpec, TileAux, TileSpec
+
+native = pytest.importorskip("tilecl._native_backend")
+if native.unavailable("cpu") is not None:
+    pytest.skip(f"native backend not built: {native.unavailable('cpu')}", allow_module_level=True)
+
+ALL, POS = SumSpec("all"), SumSpec("pos")
+
+
+def _labels(n, gen, classes):
+    return torch.randint(0, classes, (n,), generator=gen)
+
+
+def make_case(name, n, d, dtype, gen):
+    """(spec, q, k, alpha, bias, aux) of one flag combination; single-set cases use k = q."""
+    m = n
+    q = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    q = q / q.norm(dim=1, keepdim=True)
+    k = None
+    alpha = torch.tensor(7.0, dtype=torch.float64)
+    bias = None
+    aux = TileAux()
+    ar = torch.arange(n)
+    if name == "infonce":  # one-directional InfoNCE / MoCo queue: M > N, positive index
+        m = 2 * n + 3
+        spec = TileSpec(positive="index", sums=(ALL,))
+        aux = TileAux(pos=torch.randint(0, m, (n,), generator=gen))
+    elif name == "clip_symmetric":
+        spec = TileSpec(positive="index", sums=(ALL,), col_lse=True)
+        aux = TileAux(pos=ar.clone())
+        alpha = torch.tensor(30.0, dtype=torch.float64)
+    elif name == "nt_xent_self":
+        spec = TileSpec(positive="index", sums=(ALL,))
+        aux = TileAux(excl=ar.clone(), pos=(ar + n // 2) % n)
+    elif name == "supcon_out":
+        spec = TileSpec(positive="label", sums=(ALL,), lin=True)
+        lab = _labels(n, gen, max(1, n // 3))
+        aux = TileAux(excl=ar.clone(), labels_q=lab, labels_k=lab)
+    elif name == "supcon_in":  # anchors without positives: lse+ = -inf rows
+        spec = TileSpec(positive="label", sums=(ALL, POS))
+        lab = _labels(n, gen, max(1, n // 2))
+        aux = TileAux(excl=ar.clone(), labels_q=lab, labels_k=lab)
+    elif name == "hcl":
+        spec = TileSpec(positive="index", sums=(SumSpec("neg", beta=2.0), SumSpec("neg", beta=1.0)))
+        aux = TileAux(excl=ar.clone(), pos=(ar + n // 2) % n)
+    elif name == "cclk_dense":
+        spec = TileSpec(positive="index", weight="dense", weight_clip=1e-6,
+                        sums=(SumSpec("all", weighted=True), SumSpec("all")))
+        mw = max(1, m // 2)
+        w = torch.rand(n, mw, generator=gen, dtype=torch.float64)
+        w[w < 0.2] = 1e-8  # clipped to 0
+        aux = TileAux(excl=ar.clone(), pos=(ar + n // 2) % n, weight=w)
+    elif name == "lowrank":
+        spec = TileSpec(positive="index", weight="lowrank", sums=(SumSpec("neg", weighted=True),))
+        aux = TileAux(excl=ar.clone(), pos=(ar + n // 2) % n,
+                      wa=torch.rand(n, 3, generator=gen, dtype=torch.float64),
+                      wb=torch.rand(n, 3, generator=gen, dtype=torch.float64))
+    elif name in ("dist_gamma2", "dist_gamma1"):
+        spec = TileSpec(logit="dist", gamma=2.0 if name.endswith("2") else 1.0, sums=(ALL,))
+        aux = TileAux(excl=ar.clone())
+        alpha = torch.tensor(2.0, dtype=torch.float64)
+    elif name == "siglip":
+        m = n + 2
+        spec = TileSpec(positive="label", sigmoid=True)
+        aux = TileAux(labels_q=_labels(n, gen, 4), labels_k=_labels(m, gen, 4))
+        alpha = torch.tensor(10.0, dtype=torch.float64)
+        bias = torch.tensor(-3.0, dtype=torch.float64)
+    elif name == "row_alpha":
+        m = n + 5
+        spec = TileSpec(positive="index", sums=(ALL,), col_lse=True)
+        aux = TileAux(pos=torch.randint(0, m, (n,), generator=gen))
+        alpha = 1.0 + 9.0 * torch.rand(n, generator=gen, dtype=torch.float64)
+    elif name == "col_offset":  # a visiting column block of the ring: global excl / pos indices
+        off = 11
+        spec = TileSpec(positive="label", sums=(ALL, SumSpec("neg", beta=0.5)), lin=True, col_lse=True)
+        m = n + 4
+        aux = TileAux(excl=ar + off + 1, labels_q=_labels(n, gen, 3), labels_k=_labels(m, gen, 3),
+                      col_offset=off)
+    else:
+        raise KeyError(name)
+    if k is None:
+        if m == n and name not in ("siglip",):
+            k = q.clone()
+        else:
+            k = torch.randn(m, d, generator=gen, dtype=torch.float64)
+            k = k / k.norm(dim=1, keepdim=True)
+    q, k = q.to(dtype), k.to(dtype)
+    adt = torch.float64 if dtype == torch.float64 else torch.float32
+    alpha = alpha.to(adt)
+    bias = bias.to(adt) if bias is not None else None
+    return spec, q, k, alpha, bias, aux
+
+
+def run(backend, spec, q, k, alpha, bias, aux, gen_seed):
+    """Forward + backward of a random linear functional of the statistics."""
+    q = q.detach().clone().requires_grad_(True)
+    k = k.detach().clone().requires_grad_(True)
+    alpha = alpha.detach().clone().requires_grad_(True)
+    bias = bias.detach().clone().requires_grad_(True) if bias is not None else None
+    out = tile_stats(spec, q, k, alpha, bias, aux, backend=backend)
+    stats, col = out[0], out[1]  # (a third output, s_pos, may follow)
+    gen = torch.Generator().manual_seed(gen_seed)
+    ws = torch.randn(stats.shape, generator=gen, dtype=torch.float64).to(stats.dtype)
+    loss = torch.where(torch.isfinite(stats), stats, torch.zeros_like(stats)).mul(ws).sum()
+    if spec.col_lse:
+        wc = torch.randn(col.shape, generator=gen, dtype=torch.float64).to(col.dtype)
+        loss = loss + torch.where(torch.isfinite(col), col, torch.zeros_like(col)).mul(wc).sum()
+    inputs = [q, k, alpha] + ([bias] if bias is not None else [])
+    grads = torch.autograd.grad(loss, inputs, allow_unused=True) if loss.requires_grad else [None] * 4
+    return [stats.detach(), col.detach()] + [g if g is None else g.detach() for g in grads]
+
+
+NAMES = ["stats", "col", "dq", "dk", "dalpha", "dbias"]
+
+
+def assert_match(got, want, rtol, where, names=NAMES):
+    for name, a, b in zip(names, got, want):
+        if a is None or b is None:  # not computed on one side: the other must be all zero
+            other = b if a is None else a
+            assert other is None or not bool(other.abs().max() > 0), f"{where} {name}: {a} vs {b}"
+            continue
+        assert a.shape == b.shape and a.dtype == b.dtype, (
+            f"{where} {name}: {a.shape}/{a.dtype} vs {b.shape}/{b.dtype}")
+        fa, fb = torch.isfinite(a), torch.isfinite(b)
+        assert torch.equal(fa, fb), f"{where} {name}: non-finite entries differ"
+        assert torch.equal(a[~fa], b[~fb]), f"{where} {name}: infinities differ"
+        if fa.any():
+            a64, b64 = a[fa].double(), b[fb].double()
+            err = (a64 - b64).abs().max().item()
+            scale = max(b64.abs().max().item(), 1e-30)
+            assert err <= rtol * scale, (f"{where} {name}: max abs err {err:.3e} vs scale {scale:.3e} "
+                                         f"(rel {err / scale:.2e} > {rtol:.0e}) at "
+                                         f"{int((a64 - b64).abs().argmax())}")
+
+
+CASES = ["infonce", "clip_symmetric", "nt_xent_self", "supcon_out", "supcon_in", "hcl", "cclk_dense",
+         "lowrank", "dist_gamma2", "dist_gamma1", "siglip", "row_alpha", "col_offset"]
+SHAPES = [(1, 3), (7, 3), (63, 64), (65, 100), (130, 64)]
+DTYPES = {"fp64": (torch.float64, 1e-10), "fp32": (torch.float32, 1e-5)}
+
+
+@pytest.mark.parametrize("dt", list(DTYPES))
+@pytest.mark.parametrize("n,d", [pytest.param(n, d, id=f"N{n}-D{d}") for n, d in SHAPES])
+@pytest.mark.parametrize("case", CASES)
+def test_native_cpu_matches_torch(case, n, d, dt):
+    dtype, rtol = DTYPES[dt]
+    seed = 1000 * n + d
+    gen = torch.Generator().manual_seed(seed)
+    spec, q, k, alpha, bias, aux = make_case(case, n, d, dtype, gen)
+    want = run("torch", spec, q, k, alpha, bias, aux, seed)
+    got = run("native", spec, q, k, alpha, bias, aux, seed)
+    if dtype == torch.float64:
+        assert_match(got, want, rtol, f"{case} N{n} D{d} {dt}")
+        return
+    # fp32: everything to 1e-5 of the torch backend, except dL/dalpha, a sum over N x M terms that
+    # cancel (softmax rows): there both fp32 backends are ~1e-5 off the float64 truth, so the
+    # criterion is native's error against float64 <= 2x the torch backend's own (STYLE.md 9).
+    i_da = NAMES.index("dalpha")
+    assert_match(got[:i_da] + got[i_da + 1:], want[:i_da] + want[i_da + 1:], rtol, f"{case} N{n} D{d}",
+                 NAMES[:i_da] + NAMES[i_da + 1:])
+    if got[i_da] is not None:
+        spec64, q64, k64, a64, b64, aux64 = make_case(case, n, d, torch.float64,
+                                                      torch.Generator().manual_seed(seed))
+        truth = run("torch", spec64, q64, k64, a64, b64, aux64, seed)[i_da]
+        err_native = (got[i_da].double() - truth).abs().max().item()
+        err_torch = (want[i_da].double() - truth).abs().max().item()
+        scale = max(truth.abs().max().item(), 1e-30)
+        assert err_native <= max(rtol * scale, 2 * err_torch), (
+            f"{case} N{n} D{d} dalpha: native err {err_native:.2e}, torch err {err_torch:.2e}, "
+            f"scale {scale:.2e}")
+
+
+@pytest.mark.parametrize("n,d,dt", [pytest.param(65, 100, "fp64", id="N65-D100-fp64"),
+                                    pytest.param(130, 64, "fp32", id="N130-D64-fp32")])
+@pytest.mark.parametrize("case", CASES)
+def test_native_cpu_element_path(monkeypatch, case, n, d, dt):
+    """TILECL_CPU_SCALAR=1: the CPU runs the element functions of tile_math.h (sum_term,
+    grad_coef, ...), the ones the CUDA kernels execute, instead of its array epilogue."""
+    monkeypatch.setenv("TILECL_CPU_SCALAR", "1")
+    dtype, rtol = DTYPES[dt]
+    gen = torch.Generator().manual_seed(n + d)
+    spec, q, k, alpha, bias, aux = make_case(case, n, d, dtype, gen)
+    want = run("torch", spec, q, k, alpha, bias, aux, n + d)
+    got = run("native", spec, q, k, alpha, bias, aux, n + d)
+    i_da = NAMES.index("dalpha")  # dalpha in fp32: see test_native_cpu_matches_torch
+    keep = [i for i in range(len(got)) if dtype == torch.float64 or i != i_da]
+    assert_match([got[i] for i in keep], [want[i] for i in keep], rtol, f"element path {case}",
+                 [NAMES[i] for i in keep])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("case", ["clip_symmetric", "supcon_in", "siglip", "dist_gamma2"])
+def test_native_cpu_half_inputs(case, dtype):
+    """16-bit inputs are converted to fp32 per tile: the same fp32 math as the torch backend.
+    Compared at the backend level (fp32 outputs), before autograd rounds dq / dk to 16 bits."""
+    gen = torch.Generator().manual_seed(7)
+    spec, q, k, alpha, bias, aux = make_case(case, 65, 100, dtype, gen)
+    ref = _backends.get("torch")
+    got_s, got_c = native.forward(spec, q, k, alpha, bias, aux)
+    want_s, want_c = ref.forward(spec, q, k, alpha, bias, aux)
+    g = torch.randn(want_s.shape, generator=gen)
+    gc = torch.randn(want_c.shape, generator=gen) if spec.col_lse else None
+    needs = (True, True, True, bias is not None)
+    got = native.backward(spec, q, k, alpha, bias, aux, want_s, want_c, g, gc, needs)
+    want = ref.backward(spec, q, k, alpha, bias, aux, want_s, want_c, g, gc, needs)
+    assert_match([got_s, got_c, got[0], got[1], None, got[3]],
+                 [want_s, want_c, want[0], want[1], None, want[3]], 1e-5, f"{case} {dtype}")
+
+
+def test_native_cpu_strided_and_multi_tile():
+    """Non-contiguous inputs and several row/column blocks (BR 64, BC 128) in both directions."""
+    gen = torch.Generator().manual_seed(3)
+    spec, q, k, alpha, bias, aux = make_case("row_alpha", 200, 40, torch.float64, gen)
+    q2 = torch.randn(40, 200, generator=gen, dtype=torch.float64).t()  # strides (1, 200)
+    k2 = torch.randn(k.shape[0], 80, generator=gen, dtype=torch.float64)[:, ::2]  # (80, 2)
+    want = run("torch", spec, q2, k2, alpha, bias, aux, 3)
+    got = run("native", spec, q2, k2, alpha, bias, aux, 3)
+    assert_match(got, want, 1e-10, "strided")
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_native_cpu_threads_and_dk_sweep(monkeypatch, threads):
+    """dk through per-thread partials (default) and through the column sweep (no buffer)."""
+    gen = torch.Generator().manual_seed(4)
+    spec, q, k, alpha, bias, aux = make_case("col_offset", 200, 33, torch.float64, gen)
+    want = run("torch", spec, q, k, alpha, bias, aux, 4)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        got = run("native", spec, q, k, alpha, bias, aux, 4)
+        monkeypatch.setenv("TILECL_CPU_DK_BUFFER_MB", "0")
+        got_sweep = run("native", spec, q, k, alpha, bias, aux, 4)
+    finally:
+        torch.set_num_threads(old)
+    assert_match(got, want, 1e-10, f"threads={threads}")
+    assert_match(got_sweep, want, 1e-10, f"threads={threads} column sweep")
+
+
+def test_native_cpu_deterministic():
+    gen = torch.Generator().manual_seed(5)
+    spec, q, k, alpha, bias, aux = make_case("hcl", 130, 64, torch.float32, gen)
+    a = run("native", spec, q, k, alpha, bias, aux, 5)
+    b = run("native", spec, q, k, alpha, bias, aux, 5)
+    for x, y in zip(a, b):
+        assert (x is None and y is None) or torch.equal(x, y)
+
+
+def test_native_cpu_needs_subset():
+    """Only dk requested: dq / dalpha are not computed, dk still matches."""
+    gen = torch.Generator().manual_seed(9)
+    spec, q, k, alpha, bias, aux = make_case("supcon_out", 63, 64, torch.float64, gen)
+    stats, col = native.forward(spec, q, k, alpha, bias, aux)
+    want_stats, _ = _backends.get("torch").forward(spec, q, k, alpha, bias, aux)
+    torch.testing.assert_close(stats, want_stats, rtol=1e-10, atol=1e-10)
+    g = torch.randn(stats.shape, generator=gen, dtype=torch.float64)
+    needs = (False, True, False, False)
+    dq, dk, da, db = native.backward(spec, q, k, alpha, bias, aux, stats, None, g, None, needs)
+    _, dk_ref, _, _ = _backends.get("torch").backward(spec, q, k, alpha, bias, aux, stats, None, g,
+                                                      None, needs)
+    assert dq is None and da is None and db is None
+    torch.testing.assert_close(dk, dk_ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("case", ["clip_symmetric", "siglip", "cclk_dense", "dist_gamma1"])
+def test_native_custom_ops_opcheck(case):
+    """The kernel entries are torch.library custom ops with fake implementations (torch.compile)."""
+    gen = torch.Generator().manual_seed(2)
+    spec, q, k, alpha, bias, aux = make_case(case, 7, 3, torch.float32, gen)
+    aux_t = [getattr(aux, f) for f in native._AUX_FIELDS]
+    key = native._spec_key(spec)
+    fwd_args = (q, k, alpha, bias, *aux_t, int(aux.col_offset), key)
+    torch.library.opcheck(native._fwd_op, fwd_args)
+    stats, col = native._fwd_op(*fwd_args)
+    g = torch.randn(stats.shape, generator=gen)
+    gc = torch.randn(col.shape, generator=gen) if spec.col_lse else None
+    torch.library.opcheck(native._bwd_op, fwd_args + (stats, col if spec.col_lse else None, g, gc,
+                                                      [True, True, True, bias is not None]))
+
+
+def test_native_is_selectable_on_cpu():
+    assert "native" in _backends.available_backends("cpu")
+    assert _backends.resolve("native", torch.device("cpu")) == "native"
+
+
+# ---- GPU (CUDA kernels, or the NVRTC fallback); skipped without CUDA ------------------------------
+
+def _gpu_reason():
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    return native.unavailable("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,rtol", [(torch.float32, 2e-4), (torch.bfloat16, 2e-2),
+                                         (torch.float16, 5e-3)], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("case", CASES)
+def test_native_cuda_matches_torch(case, dtype, rtol):
+    why = _gpu_reason()
+    if why is not None:
+        pytest.skip(why)
+    gen = torch.Generator().manual_seed(11)
+    spec, q, k, alpha, bias, aux = make_case(case, 130, 100, dtype, gen)
+    cuda = torch.device("cuda")
+    aux_c = TileAux(**{f: (v.to(cuda) if torch.is_tensor(v) else v) for f, v in vars(aux).items()})
+    want = run("torch", spec, q.to(cuda), k.to(cuda), alpha.to(cuda),
+               bias.to(cuda) if bias is not None else None, aux_c, 11)
+    got = run("native", spec, q.to(cuda), k.to(cuda), alpha.to(cuda),
+              bias.to(cuda) if bias is not None else None, aux_c, 11)
+    assert_match([t.cpu() if t is not None else None for t in got],
+                 [t.cpu() if t is not None else None for t in want], rtol, f"cuda {case} {dtype}")
