@@ -124,19 +124,12 @@ def dense_siglip(a, b, scale, bias):
 
 
 def dense_supcon(features, labels, temperature=SUPCON_TAU, base_temperature=SUPCON_TAU):
-    """SupContrast (HobbitLong) SupConLoss, contrast_mode 'all', transcribed densely."""
-    bsz, views = features.shape[:2]
-    contrast = torch.cat(torch.unbind(features, dim=1), dim=0)  # [V B, D], view-major
-    logits = contrast @ contrast.T / temperature
-    logits = logits - logits.max(dim=1, keepdim=True).values.detach()
-    mask = (labels[:, None] == labels[None, :]).to(logits.dtype).repeat(views, views)
-    not_self = 1 - torch.eye(bsz * views, device=logits.device, dtype=logits.dtype)
-    mask = mask * not_self
-    log_prob = logits - torch.log((torch.exp(logits) * not_self).sum(1, keepdim=True))
-    n_pos = mask.sum(1)
-    n_pos = torch.where(n_pos < 1e-6, torch.ones_like(n_pos), n_pos)
-    mean_log_prob_pos = (mask * log_prob).sum(1) / n_pos
-    return (-(temperature / base_temperature) * mean_log_prob_pos).mean()
+    """SupContrast (HobbitLong) SupConLoss, contrast_mode 'all', transcribed densely (the same
+    transcription the compat class falls back to for arbitrary masks)."""
+    from tilecl.compat.supcontrast import dense_supcon_with_mask
+
+    mask = (labels[:, None] == labels[None, :]).to(features.dtype)
+    return dense_supcon_with_mask(features, mask, temperature, base_temperature, "all")
 
 
 def dense_ntxent(a, b, temperature=NTXENT_TAU):
