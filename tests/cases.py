@@ -55,6 +55,16 @@ CASES = [
                            {"pos": torch.randperm(2 * n, generator=_gen(5))[:n]}),
          lambda b, r, q, k, s, pos: tilecl.info_nce(q, k, logit_scale=s, positive_index=pos,
                                                     reduction=r, backend=b)),
+    Case("info_nce_smooth_per_anchor",  # per-anchor temperature [N] and label smoothing
+         lambda n, d, dt: ((unit(n, d, dtype=dt), unit(n + 5, d, dtype=dt),
+                            (torch.rand(n, dtype=torch.float64, generator=_gen(8)) * 0.3 + 0.05).to(
+                                scalar(0, dt).dtype)), {}),
+         lambda b, r, q, k, t: tilecl.info_nce(q, k, temperature=t, label_smoothing=0.1,
+                                               reduction=r, backend=b)),
+    Case("clip_smooth",
+         lambda n, d, dt: ((unit(n, d, dtype=dt), unit(n, d, dtype=dt), scalar(30.0, dt)), {}),
+         lambda b, r, i, t, s: tilecl.info_nce(i, t, logit_scale=s, symmetric=True,
+                                               label_smoothing=0.2, reduction=r, backend=b)),
     Case("clip",
          lambda n, d, dt: ((unit(n, d, dtype=dt), unit(n, d, dtype=dt), scalar(14.3, dt)), {}),
          lambda b, r, i, t, s: tilecl.clip_loss(i, t, s, reduction=r, backend=b)),

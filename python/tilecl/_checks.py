@@ -88,10 +88,35 @@ def plain_positive(value, name):
     return float(value)
 
 
-def scale(temperature, logit_scale, like, *, default_temperature=None):
-    """alpha from exactly one of temperature (alpha = 1 / temperature) and logit_scale."""
+def per_row(value, name, n, like):
+    """A positive finite float tensor [n] (one value per anchor) in the compute dtype."""
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
+    if value.dim() != 1 or value.shape[0] != n:
+        raise ValueError(f"{name} must be a scalar or have shape [{n}] (one per anchor), got "
+                         f"{tuple(value.shape)}")
+    if value.device != like.device:
+        raise ValueError(f"{name} is on {value.device} but the features are on {like.device}")
+    v = value.detach()
+    if n and not bool(((v > 0) & torch.isfinite(v)).all()):
+        raise ValueError(f"{name} must be positive and finite everywhere")
+    return value.to(compute_dtype(like))
+
+
+def _is_vector(value):
+    return isinstance(value, torch.Tensor) and value.dim() == 1 and value.numel() != 1
+
+
+def scale(temperature, logit_scale, like, *, default_temperature=None, rows=None):
+    """alpha from exactly one of temperature (alpha = 1 / temperature) and logit_scale;
+    with ``rows`` given, either may also be a tensor [rows] (one value per anchor)."""
     if temperature is not None and logit_scale is not None:
         raise ValueError("give exactly one of temperature and logit_scale, not both")
+    if rows is not None:
+        if _is_vector(logit_scale):
+            return per_row(logit_scale, "logit_scale", rows, like)
+        if _is_vector(temperature):
+            return 1.0 / per_row(temperature, "temperature", rows, like)
     if logit_scale is not None:
         return positive_scalar(logit_scale, "logit_scale", like)
     if temperature is None:

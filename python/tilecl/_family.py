@@ -86,7 +86,18 @@ def _arange(n, like, offset=0):
 
 # ---- InfoNCE / CLIP / SigLIP (math.md 2) -------------------------------------------------------
 
-def info_nce(query, key, alpha, positive_index, symmetric, reduction, backend, group):
+def _global_mean(t, group):
+    """Mean of the rows of t over the global batch (differentiable; all-reduced under the ring)."""
+    total = t.sum(0)
+    if _world(group) > 1:
+        from torch.distributed.nn.functional import all_reduce
+
+        total = all_reduce(total, group=group)
+    return total / _global_count(t.shape[0], group)
+
+
+def info_nce(query, key, alpha, positive_index, symmetric, reduction, backend, group,
+             label_smoothing=0.0):
     query, key = _up(backend, group, query, key)
     n = query.shape[0]
     off = _col_offset(key.shape[0], group)
@@ -95,9 +106,19 @@ def info_nce(query, key, alpha, positive_index, symmetric, reduction, backend, g
     # positive_index indexes the rank's LOCAL keys (losses.py checks it against M_local)
     stats, col, s_pos = _stats(spec, query, key, alpha, None, TileAux(col_offset=off), backend,
                                group, pos)
-    rows = stats[0] - s_pos
+    target = s_pos
+    if label_smoothing:  # F.cross_entropy: (1 - e) s_pos + e mean_j s_ij, mean_j s_ij = a <q, k_bar>
+        dt = stats.dtype
+        k_bar = _global_mean(key.to(dt), group)
+        target = (1 - label_smoothing) * s_pos + label_smoothing * alpha * (query.to(dt) @ k_bar)
+    rows = stats[0] - target
     if symmetric:  # (CE rows + CE columns) / 2 with the diagonal positive (math.md 2.1)
-        rows = (rows + col - s_pos) / 2
+        col_target = s_pos
+        if label_smoothing:
+            q_bar = _global_mean(query.to(stats.dtype), group)
+            col_target = ((1 - label_smoothing) * s_pos +
+                          label_smoothing * alpha * (key.to(stats.dtype) @ q_bar))
+        rows = (rows + col - col_target) / 2
     return _reduce(rows, reduction, _global_count(n, group), group)
 
 

@@ -35,12 +35,15 @@ def _pair(a, a_name, b, b_name, *, same_rows, group=None):
 
 
 def info_nce(query, key, *, temperature=None, logit_scale=None, positive_index=None,
-             symmetric=False, reduction="mean", backend="auto", group=None):
+             symmetric=False, label_smoothing=0.0, reduction="mean", backend="auto", group=None):
     """InfoNCE with one positive per row (math.md 2.1).
 
     query: [N, D], key: [M, D] with M >= N; row i's positive is key[positive_index[i]]
     (default key[i]); the other keys, extra rows beyond N included, are negatives.
     ``symmetric=True`` (N == M) is the CLIP loss: the mean of both directions.
+    ``label_smoothing`` follows ``F.cross_entropy`` (an O(N d) term: the mean logit of a row is
+    alpha <q_i, mean_j k_j>). ``temperature`` / ``logit_scale`` may be a tensor [N] (one per
+    anchor, with its gradient) when ``symmetric=False``.
 
     Example::
 
@@ -48,7 +51,10 @@ def info_nce(query, key, *, temperature=None, logit_scale=None, positive_index=N
     """
     _pair(query, "query", key, "key", same_rows=False, group=group)
     n, m = query.shape[0], key.shape[0]
-    alpha = C.scale(temperature, logit_scale, query)
+    alpha = C.scale(temperature, logit_scale, query, rows=None if symmetric else n)
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) or not (
+            0.0 <= label_smoothing < 1.0):
+        raise ValueError(f"label_smoothing must be a float in [0, 1), got {label_smoothing!r}")
     if positive_index is None:
         if m < n:
             raise ValueError(f"key must have at least as many rows as query ({n}) when "
@@ -64,8 +70,10 @@ def info_nce(query, key, *, temperature=None, logit_scale=None, positive_index=N
     name = _route(backend, query.device, group)
     if name == "reference":
         return reference.info_nce(query, key, logit_scale=alpha, positive_index=positive_index,
-                                  symmetric=symmetric, reduction=reduction)
-    return _family.info_nce(query, key, alpha, positive_index, symmetric, reduction, name, group)
+                                  symmetric=symmetric, label_smoothing=float(label_smoothing),
+                                  reduction=reduction)
+    return _family.info_nce(query, key, alpha, positive_index, symmetric, reduction, name, group,
+                            float(label_smoothing))
 
 
 def clip_loss(image_features, text_features, logit_scale, *, reduction="mean", backend="auto",

@@ -30,15 +30,19 @@ def scale_of(temperature=None, logit_scale=None):
 
 
 def info_nce(query, key, *, temperature=None, logit_scale=None, positive_index=None,
-             symmetric=False, reduction="mean"):
-    """[2.1] CE(alpha Q K^T, pos); symmetric: (CE rows + CE columns) / 2 (open_clip ClipLoss)."""
+             symmetric=False, label_smoothing=0.0, reduction="mean"):
+    """[2.1] CE(alpha Q K^T, pos); symmetric: (CE rows + CE columns) / 2 (open_clip ClipLoss).
+    alpha may be [N] (one per anchor); label_smoothing as in F.cross_entropy."""
     alpha = scale_of(temperature, logit_scale)
-    logits = alpha * query @ key.T  # [N, M]
+    if isinstance(alpha, torch.Tensor) and alpha.dim() == 1:
+        alpha = alpha[:, None]
+    logits = alpha * (query @ key.T)  # [N, M]
     n = query.shape[0]
     pos = torch.arange(n, device=query.device) if positive_index is None else positive_index
-    rows = F.cross_entropy(logits, pos, reduction="none")
+    rows = F.cross_entropy(logits, pos, reduction="none", label_smoothing=label_smoothing)
     if symmetric:
-        rows = (rows + F.cross_entropy(logits.T, pos, reduction="none")) / 2
+        rows = (rows + F.cross_entropy(logits.T, pos, reduction="none",
+                                       label_smoothing=label_smoothing)) / 2
     return reduce(rows, reduction)
 
 
