@@ -61,6 +61,11 @@ CASES = [
                                 scalar(0, dt).dtype)), {}),
          lambda b, r, q, k, t: tilecl.info_nce(q, k, temperature=t, label_smoothing=0.1,
                                                reduction=r, backend=b)),
+    Case("info_nce_duplicate_ids",  # the same document twice: its copy is not a negative
+         lambda n, d, dt: ((unit(n, d, dtype=dt), unit(n + 4, d, dtype=dt), scalar(0.1, dt)),
+                           {"ids": torch.arange(n + 4) % max(1, (n + 4) // 2)}),
+         lambda b, r, q, k, t, ids: tilecl.info_nce(q, k, temperature=t, key_ids=ids, reduction=r,
+                                                    backend=b)),
     Case("clip_smooth",
          lambda n, d, dt: ((unit(n, d, dtype=dt), unit(n, d, dtype=dt), scalar(30.0, dt)), {}),
          lambda b, r, i, t, s: tilecl.info_nce(i, t, logit_scale=s, symmetric=True,

@@ -97,13 +97,21 @@ def _global_mean(t, group):
 
 
 def info_nce(query, key, alpha, positive_index, symmetric, reduction, backend, group,
-             label_smoothing=0.0):
+             label_smoothing=0.0, key_ids=None):
     query, key = _up(backend, group, query, key)
     n = query.shape[0]
     off = _col_offset(key.shape[0], group)
     pos = _arange(n, query) if positive_index is None else positive_index
-    spec = TileSpec(sums=(ALL,), col_lse=symmetric)
     # positive_index indexes the rank's LOCAL keys (losses.py checks it against M_local)
+    if key_ids is not None:
+        # duplicates of the positive (same id) leave the denominator: LSE over the keys with
+        # another id (a label "neg" sum), then the positive itself is added back
+        spec = TileSpec(positive="label", sums=(NEG,))
+        aux = TileAux(labels_q=key_ids[pos], labels_k=key_ids, col_offset=off)
+        stats, _, s_pos = _stats(spec, query, key, alpha, None, aux, backend, group, pos)
+        rows = torch.logaddexp(stats[0], s_pos) - s_pos
+        return _reduce(rows, reduction, _global_count(n, group), group)
+    spec = TileSpec(sums=(ALL,), col_lse=symmetric)
     stats, col, s_pos = _stats(spec, query, key, alpha, None, TileAux(col_offset=off), backend,
                                group, pos)
     target = s_pos

@@ -35,7 +35,8 @@ def _pair(a, a_name, b, b_name, *, same_rows, group=None):
 
 
 def info_nce(query, key, *, temperature=None, logit_scale=None, positive_index=None,
-             symmetric=False, label_smoothing=0.0, reduction="mean", backend="auto", group=None):
+             symmetric=False, label_smoothing=0.0, key_ids=None, reduction="mean", backend="auto",
+             group=None):
     """InfoNCE with one positive per row (math.md 2.1).
 
     query: [N, D], key: [M, D] with M >= N; row i's positive is key[positive_index[i]]
@@ -43,7 +44,8 @@ def info_nce(query, key, *, temperature=None, logit_scale=None, positive_index=N
     ``symmetric=True`` (N == M) is the CLIP loss: the mean of both directions.
     ``label_smoothing`` follows ``F.cross_entropy`` (an O(N d) term: the mean logit of a row is
     alpha <q_i, mean_j k_j>). ``temperature`` / ``logit_scale`` may be a tensor [N] (one per
-    anchor, with its gradient) when ``symmetric=False``.
+    anchor, with its gradient) when ``symmetric=False``. ``key_ids`` [M] int: keys with the same
+    id as a row's positive (the same document twice in a batch) are not negatives for that row.
 
     Example::
 
@@ -55,6 +57,10 @@ def info_nce(query, key, *, temperature=None, logit_scale=None, positive_index=N
     if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) or not (
             0.0 <= label_smoothing < 1.0):
         raise ValueError(f"label_smoothing must be a float in [0, 1), got {label_smoothing!r}")
+    if key_ids is not None:
+        key_ids = C.labels(key_ids, "key_ids", m, query)
+        if symmetric or label_smoothing:
+            raise ValueError("key_ids cannot be combined with symmetric=True or label_smoothing")
     if positive_index is None:
         if m < n:
             raise ValueError(f"key must have at least as many rows as query ({n}) when "
@@ -71,9 +77,9 @@ def info_nce(query, key, *, temperature=None, logit_scale=None, positive_index=N
     if name == "reference":
         return reference.info_nce(query, key, logit_scale=alpha, positive_index=positive_index,
                                   symmetric=symmetric, label_smoothing=float(label_smoothing),
-                                  reduction=reduction)
+                                  key_ids=key_ids, reduction=reduction)
     return _family.info_nce(query, key, alpha, positive_index, symmetric, reduction, name, group,
-                            float(label_smoothing))
+                            float(label_smoothing), key_ids)
 
 
 def clip_loss(image_features, text_features, logit_scale, *, reduction="mean", backend="auto",

@@ -30,15 +30,20 @@ def scale_of(temperature=None, logit_scale=None):
 
 
 def info_nce(query, key, *, temperature=None, logit_scale=None, positive_index=None,
-             symmetric=False, label_smoothing=0.0, reduction="mean"):
+             symmetric=False, label_smoothing=0.0, key_ids=None, reduction="mean"):
     """[2.1] CE(alpha Q K^T, pos); symmetric: (CE rows + CE columns) / 2 (open_clip ClipLoss).
-    alpha may be [N] (one per anchor); label_smoothing as in F.cross_entropy."""
+    alpha may be [N] (one per anchor); label_smoothing as in F.cross_entropy; key_ids [M]: a key
+    with the same id as the row's positive (a duplicate document) is not a negative."""
     alpha = scale_of(temperature, logit_scale)
     if isinstance(alpha, torch.Tensor) and alpha.dim() == 1:
         alpha = alpha[:, None]
     logits = alpha * (query @ key.T)  # [N, M]
     n = query.shape[0]
     pos = torch.arange(n, device=query.device) if positive_index is None else positive_index
+    if key_ids is not None:
+        dup = (key_ids[pos][:, None] == key_ids[None, :]) & (
+            torch.arange(key.shape[0], device=key.device)[None, :] != pos[:, None])
+        logits = logits.masked_fill(dup, float("-inf"))
     rows = F.cross_entropy(logits, pos, reduction="none", label_smoothing=label_smoothing)
     if symmetric:
         rows = (rows + F.cross_entropy(logits.T, pos, reduction="none",
