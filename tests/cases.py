@@ -66,6 +66,17 @@ CASES = [
                            {"ids": torch.arange(n + 4) % max(1, (n + 4) // 2)}),
          lambda b, r, q, k, t, ids: tilecl.info_nce(q, k, temperature=t, key_ids=ids, reduction=r,
                                                     backend=b)),
+    Case("info_nce_hard_negatives",  # own [N, K, D] negatives + smoothing + per-anchor temperature
+         lambda n, d, dt: ((unit(n, d, dtype=dt), unit(n + 2, d, dtype=dt), unit(n, 3, d, dtype=dt),
+                            (torch.rand(n, dtype=torch.float64, generator=_gen(9)) * 0.3 + 0.05).to(
+                                scalar(0, dt).dtype)), {}),
+         lambda b, r, q, k, h, t: tilecl.info_nce(q, k, temperature=t, hard_negatives=h,
+                                                  label_smoothing=0.1, reduction=r, backend=b)),
+    Case("info_nce_dup_hard",
+         lambda n, d, dt: ((unit(n, d, dtype=dt), unit(n + 4, d, dtype=dt), unit(n, 2, d, dtype=dt)),
+                           {"ids": torch.arange(n + 4) % max(1, (n + 4) // 2)}),
+         lambda b, r, q, k, h, ids: tilecl.info_nce(q, k, temperature=0.1, key_ids=ids,
+                                                    hard_negatives=h, reduction=r, backend=b)),
     Case("clip_smooth",
          lambda n, d, dt: ((unit(n, d, dtype=dt), unit(n, d, dtype=dt), scalar(30.0, dt)), {}),
          lambda b, r, i, t, s: tilecl.info_nce(i, t, logit_scale=s, symmetric=True,

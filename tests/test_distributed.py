@@ -34,7 +34,7 @@ CASES = [
     "decoupled_uniformity", "zero_info_nce", "zero_clip", "zero_nt_xent", "zero_supcon",
     "zero_siglip", "zero_uniformity", "ddp_clip", "ddp_supcon", "mismatch_d", "mismatch_dtype",
     "mismatch_spec", "bf16_clip", "direct_lowrank", "direct_col",
-    "direct_bf16", "info_nce_smooth", "info_nce_dup", "cclk_hardneg", "cclk_weaklysup",
+    "direct_bf16", "info_nce_smooth", "info_nce_dup", "info_nce_hard", "cclk_hardneg", "cclk_weaklysup",
     "decoupled_uniformity_prior", "zero_cclk",
 ]
 DIRECT = ["direct_lowrank", "direct_col", "direct_bf16"]  # ring_tile_stats itself, also on a one-rank ring
@@ -147,6 +147,14 @@ def _case(name, c: _Ctx):  # noqa: C901  (one branch per loss)
                          lambda query, key, tau: tilecl.info_nce(query, key, temperature=tau,
                                                                  key_ids=ids[sl], **ring),
                          ins, {"query": sl, "key": sl}, {"tau": tau})
+    if name == "info_nce_hard":  # own negatives stay local; smoothing needs the global key sum
+        ins = {"query": _gen(1, n, D), "key": _gen(2, n, D), "hard": _gen(3, n, 2, D)}
+        return c.compare(lambda query, key, hard, tau: tilecl.info_nce(
+            query, key, temperature=tau, hard_negatives=hard, label_smoothing=0.1,
+            backend="reference"),
+            lambda query, key, hard, tau: tilecl.info_nce(
+                query, key, temperature=tau, hard_negatives=hard, label_smoothing=0.1, **ring),
+            ins, {"query": sl, "key": sl, "hard": sl}, {"tau": tau})
     if name == "info_nce_none":
         ins = {"query": _gen(1, n, D), "key": _gen(2, n, D)}
         return c.compare(lambda query, key, tau: tilecl.info_nce(

@@ -11,7 +11,7 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def features(t, name, *, dim=2, like=None, like_name=None, same_rows=False, same_cols=True,
-             allow_empty=False):
+             allow_empty=False, shape=None):
     """A floating [rows, D] (or [B, V, D] for dim=3) tensor, matching ``like``; non-empty unless
     ``allow_empty`` (a rank's shard under the ring may hold no rows)."""
     if not isinstance(t, torch.Tensor):
@@ -19,7 +19,7 @@ def features(t, name, *, dim=2, like=None, like_name=None, same_rows=False, same
     if t.dtype not in _FLOATS:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
     if t.dim() != dim:
-        shape = "[N, D]" if dim == 2 else "[B, V, D]"
+        shape = shape or ("[N, D]" if dim == 2 else "[B, V, D]")
         raise ValueError(f"{name} must be {dim}-D {shape}, got shape {tuple(t.shape)}")
     if (t.shape[0] == 0 and not allow_empty) or t.shape[-1] == 0 or (dim == 3 and t.shape[1] == 0):
         raise ValueError(f"{name} must be non-empty, got shape {tuple(t.shape)}")

@@ -97,35 +97,40 @@ def _global_mean(t, group):
 
 
 def info_nce(query, key, alpha, positive_index, symmetric, reduction, backend, group,
-             label_smoothing=0.0, key_ids=None):
+             label_smoothing=0.0, key_ids=None, hard_negatives=None):
     query, key = _up(backend, group, query, key)
     n = query.shape[0]
     off = _col_offset(key.shape[0], group)
     pos = _arange(n, query) if positive_index is None else positive_index
     # positive_index indexes the rank's LOCAL keys (losses.py checks it against M_local)
-    if key_ids is not None:
-        # duplicates of the positive (same id) leave the denominator: LSE over the keys with
-        # another id (a label "neg" sum), then the positive itself is added back
+    if key_ids is None:
+        spec, aux = TileSpec(sums=(ALL,), col_lse=symmetric), TileAux(col_offset=off)
+    else:  # duplicates of the positive (same id) leave the denominator: an LSE over the keys
+        # with another id (a label "neg" sum); the positive itself is added back below
         spec = TileSpec(positive="label", sums=(NEG,))
         aux = TileAux(labels_q=key_ids[pos], labels_k=key_ids, col_offset=off)
-        stats, _, s_pos = _stats(spec, query, key, alpha, None, aux, backend, group, pos)
-        rows = torch.logaddexp(stats[0], s_pos) - s_pos
-        return _reduce(rows, reduction, _global_count(n, group), group)
-    spec = TileSpec(sums=(ALL,), col_lse=symmetric)
-    stats, col, s_pos = _stats(spec, query, key, alpha, None, TileAux(col_offset=off), backend,
-                               group, pos)
+    stats, col, s_pos = _stats(spec, query, key, alpha, None, aux, backend, group, pos)
+    dt = stats.dtype
+    lse = stats[0] if key_ids is None else torch.logaddexp(stats[0], s_pos)
+    extra = None
+    if hard_negatives is not None:  # row i's own K negatives: [N, K] logits, O(N K d)
+        a = alpha[:, None] if alpha.dim() else alpha
+        extra = a * torch.einsum("nd,nkd->nk", query.to(dt), hard_negatives.to(dt))
+        lse = torch.logaddexp(lse, torch.logsumexp(extra, 1))
     target = s_pos
-    if label_smoothing:  # F.cross_entropy: (1 - e) s_pos + e mean_j s_ij, mean_j s_ij = a <q, k_bar>
-        dt = stats.dtype
-        k_bar = _global_mean(key.to(dt), group)
-        target = (1 - label_smoothing) * s_pos + label_smoothing * alpha * (query.to(dt) @ k_bar)
-    rows = stats[0] - target
+    if label_smoothing:  # F.cross_entropy: (1 - e) s_pos + e mean over the row's logits
+        m_all = _global_count(key.shape[0], group)
+        total = alpha * (query.to(dt) @ _global_mean(key.to(dt), group)) * m_all  # a <q, sum k>
+        count = m_all
+        if extra is not None:
+            total, count = total + extra.sum(1), count + extra.shape[1]
+        target = (1 - label_smoothing) * s_pos + label_smoothing * total / count
+    rows = lse - target
     if symmetric:  # (CE rows + CE columns) / 2 with the diagonal positive (math.md 2.1)
         col_target = s_pos
         if label_smoothing:
-            q_bar = _global_mean(query.to(stats.dtype), group)
-            col_target = ((1 - label_smoothing) * s_pos +
-                          label_smoothing * alpha * (key.to(stats.dtype) @ q_bar))
+            q_bar = _global_mean(query.to(dt), group)
+            col_target = (1 - label_smoothing) * s_pos + label_smoothing * alpha * (key.to(dt) @ q_bar)
         rows = (rows + col - col_target) / 2
     return _reduce(rows, reduction, _global_count(n, group), group)
 

@@ -35,8 +35,8 @@ def _pair(a, a_name, b, b_name, *, same_rows, group=None):
 
 
 def info_nce(query, key, *, temperature=None, logit_scale=None, positive_index=None,
-             symmetric=False, label_smoothing=0.0, key_ids=None, reduction="mean", backend="auto",
-             group=None):
+             symmetric=False, label_smoothing=0.0, key_ids=None, hard_negatives=None,
+             reduction="mean", backend="auto", group=None):
     """InfoNCE with one positive per row (math.md 2.1).
 
     query: [N, D], key: [M, D] with M >= N; row i's positive is key[positive_index[i]]
@@ -46,6 +46,7 @@ def info_nce(query, key, *, temperature=None, logit_scale=None, positive_index=N
     alpha <q_i, mean_j k_j>). ``temperature`` / ``logit_scale`` may be a tensor [N] (one per
     anchor, with its gradient) when ``symmetric=False``. ``key_ids`` [M] int: keys with the same
     id as a row's positive (the same document twice in a batch) are not negatives for that row.
+    ``hard_negatives`` [N, K, D]: each row's own mined negatives, besides the shared keys.
 
     Example::
 
@@ -61,6 +62,11 @@ def info_nce(query, key, *, temperature=None, logit_scale=None, positive_index=N
         key_ids = C.labels(key_ids, "key_ids", m, query)
         if symmetric or label_smoothing:
             raise ValueError("key_ids cannot be combined with symmetric=True or label_smoothing")
+    if hard_negatives is not None:
+        C.features(hard_negatives, "hard_negatives", dim=3, like=query, like_name="query",
+                   same_rows=True, allow_empty=group is not None, shape="[N, K, D]")
+        if symmetric:
+            raise ValueError("hard_negatives cannot be combined with symmetric=True")
     if positive_index is None:
         if m < n:
             raise ValueError(f"key must have at least as many rows as query ({n}) when "
@@ -77,9 +83,10 @@ def info_nce(query, key, *, temperature=None, logit_scale=None, positive_index=N
     if name == "reference":
         return reference.info_nce(query, key, logit_scale=alpha, positive_index=positive_index,
                                   symmetric=symmetric, label_smoothing=float(label_smoothing),
-                                  key_ids=key_ids, reduction=reduction)
+                                  key_ids=key_ids, hard_negatives=hard_negatives,
+                                  reduction=reduction)
     return _family.info_nce(query, key, alpha, positive_index, symmetric, reduction, name, group,
-                            float(label_smoothing), key_ids)
+                            float(label_smoothing), key_ids, hard_negatives)
 
 
 def clip_loss(image_features, text_features, logit_scale, *, reduction="mean", backend="auto",
