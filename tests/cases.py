@@ -77,6 +77,13 @@ CASES = [
                            {"ids": torch.arange(n + 4) % max(1, (n + 4) // 2)}),
          lambda b, r, q, k, h, ids: tilecl.info_nce(q, k, temperature=0.1, key_ids=ids,
                                                     hard_negatives=h, reduction=r, backend=b)),
+    Case("info_nce_qq_dd",  # Qwen3-Embedding: query-query and document-document negatives
+         lambda n, d, dt: ((unit(n, d, dtype=dt), unit(n + 3, d, dtype=dt), unit(n, 2, d, dtype=dt),
+                            scalar(0.1, dt)),
+                           {"pos": torch.randperm(n + 3, generator=_gen(10))[:n]}),
+         lambda b, r, q, k, h, t, pos: tilecl.info_nce(
+             q, k, temperature=t, positive_index=pos, hard_negatives=h, query_negatives=True,
+             key_negatives=True, reduction=r, backend=b)),
     Case("clip_smooth",
          lambda n, d, dt: ((unit(n, d, dtype=dt), unit(n, d, dtype=dt), scalar(30.0, dt)), {}),
          lambda b, r, i, t, s: tilecl.info_nce(i, t, logit_scale=s, symmetric=True,

@@ -34,7 +34,8 @@ CASES = [
     "decoupled_uniformity", "zero_info_nce", "zero_clip", "zero_nt_xent", "zero_supcon",
     "zero_siglip", "zero_uniformity", "ddp_clip", "ddp_supcon", "mismatch_d", "mismatch_dtype",
     "mismatch_spec", "bf16_clip", "direct_lowrank", "direct_col",
-    "direct_bf16", "info_nce_smooth", "info_nce_dup", "info_nce_hard", "cclk_hardneg", "cclk_weaklysup",
+    "direct_bf16", "info_nce_smooth", "info_nce_dup", "info_nce_hard", "info_nce_qq_dd",
+    "cclk_hardneg", "cclk_weaklysup",
     "decoupled_uniformity_prior", "zero_cclk",
 ]
 DIRECT = ["direct_lowrank", "direct_col", "direct_bf16"]  # ring_tile_stats itself, also on a one-rank ring
@@ -155,6 +156,14 @@ def _case(name, c: _Ctx):  # noqa: C901  (one branch per loss)
             lambda query, key, hard, tau: tilecl.info_nce(
                 query, key, temperature=tau, hard_negatives=hard, label_smoothing=0.1, **ring),
             ins, {"query": sl, "key": sl, "hard": sl}, {"tau": tau})
+    if name == "info_nce_qq_dd":  # query and key blocks both travel
+        ins = {"query": _gen(1, n, D), "key": _gen(2, n, D)}
+        kw = dict(query_negatives=True, key_negatives=True)
+        return c.compare(lambda query, key, tau: tilecl.info_nce(query, key, temperature=tau,
+                                                                 backend="reference", **kw),
+                         lambda query, key, tau: tilecl.info_nce(query, key, temperature=tau,
+                                                                 **kw, **ring),
+                         ins, {"query": sl, "key": sl}, {"tau": tau})
     if name == "info_nce_none":
         ins = {"query": _gen(1, n, D), "key": _gen(2, n, D)}
         return c.compare(lambda query, key, tau: tilecl.info_nce(

@@ -97,7 +97,8 @@ def _global_mean(t, group):
 
 
 def info_nce(query, key, alpha, positive_index, symmetric, reduction, backend, group,
-             label_smoothing=0.0, key_ids=None, hard_negatives=None):
+             label_smoothing=0.0, key_ids=None, hard_negatives=None, query_negatives=False,
+             key_negatives=False):
     query, key = _up(backend, group, query, key)
     n = query.shape[0]
     off = _col_offset(key.shape[0], group)
@@ -117,6 +118,15 @@ def info_nce(query, key, alpha, positive_index, symmetric, reduction, backend, g
         a = alpha[:, None] if alpha.dim() else alpha
         extra = a * torch.einsum("nd,nkd->nk", query.to(dt), hard_negatives.to(dt))
         lse = torch.logaddexp(lse, torch.logsumexp(extra, 1))
+    if query_negatives:  # q_i against the other queries (Qwen3-Embedding), one more tile sweep
+        q_off = _col_offset(n, group)
+        qq, _, _ = _stats(TileSpec(sums=(ALL,)), query, query, alpha, None,
+                          TileAux(excl=_arange(n, query, q_off), col_offset=q_off), backend, group)
+        lse = torch.logaddexp(lse, qq[0])
+    if key_negatives:  # the row's positive key against the other keys
+        dd, _, _ = _stats(TileSpec(sums=(ALL,)), key[pos], key, alpha, None,
+                          TileAux(excl=pos + off, col_offset=off), backend, group)
+        lse = torch.logaddexp(lse, dd[0])
     target = s_pos
     if label_smoothing:  # F.cross_entropy: (1 - e) s_pos + e mean over the row's logits
         m_all = _global_count(key.shape[0], group)

@@ -36,7 +36,8 @@ def _pair(a, a_name, b, b_name, *, same_rows, group=None):
 
 def info_nce(query, key, *, temperature=None, logit_scale=None, positive_index=None,
              symmetric=False, label_smoothing=0.0, key_ids=None, hard_negatives=None,
-             reduction="mean", backend="auto", group=None):
+             query_negatives=False, key_negatives=False, reduction="mean", backend="auto",
+             group=None):
     """InfoNCE with one positive per row (math.md 2.1).
 
     query: [N, D], key: [M, D] with M >= N; row i's positive is key[positive_index[i]]
@@ -47,6 +48,8 @@ def info_nce(query, key, *, temperature=None, logit_scale=None, positive_index=N
     anchor, with its gradient) when ``symmetric=False``. ``key_ids`` [M] int: keys with the same
     id as a row's positive (the same document twice in a batch) are not negatives for that row.
     ``hard_negatives`` [N, K, D]: each row's own mined negatives, besides the shared keys.
+    ``query_negatives`` / ``key_negatives`` (Qwen3-Embedding): the other queries, and the other
+    keys seen from the row's positive key, join the denominator (one more tile sweep each).
 
     Example::
 
@@ -67,6 +70,9 @@ def info_nce(query, key, *, temperature=None, logit_scale=None, positive_index=N
                    same_rows=True, allow_empty=group is not None, shape="[N, K, D]")
         if symmetric:
             raise ValueError("hard_negatives cannot be combined with symmetric=True")
+    if (query_negatives or key_negatives) and (symmetric or label_smoothing or key_ids is not None):
+        raise ValueError("query_negatives / key_negatives cannot be combined with symmetric=True, "
+                         "label_smoothing or key_ids")
     if positive_index is None:
         if m < n:
             raise ValueError(f"key must have at least as many rows as query ({n}) when "
@@ -84,9 +90,11 @@ def info_nce(query, key, *, temperature=None, logit_scale=None, positive_index=N
         return reference.info_nce(query, key, logit_scale=alpha, positive_index=positive_index,
                                   symmetric=symmetric, label_smoothing=float(label_smoothing),
                                   key_ids=key_ids, hard_negatives=hard_negatives,
-                                  reduction=reduction)
+                                  query_negatives=bool(query_negatives),
+                                  key_negatives=bool(key_negatives), reduction=reduction)
     return _family.info_nce(query, key, alpha, positive_index, symmetric, reduction, name, group,
-                            float(label_smoothing), key_ids, hard_negatives)
+                            float(label_smoothing), key_ids, hard_negatives, bool(query_negatives),
+                            bool(key_negatives))
 
 
 def clip_loss(image_features, text_features, logit_scale, *, reduction="mean", backend="auto",

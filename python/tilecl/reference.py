@@ -31,11 +31,13 @@ def scale_of(temperature=None, logit_scale=None):
 
 def info_nce(query, key, *, temperature=None, logit_scale=None, positive_index=None,
              symmetric=False, label_smoothing=0.0, key_ids=None, hard_negatives=None,
-             reduction="mean"):
+             query_negatives=False, key_negatives=False, reduction="mean"):
     """[2.1] CE(alpha Q K^T, pos); symmetric: (CE rows + CE columns) / 2 (open_clip ClipLoss).
     alpha may be [N] (one per anchor); label_smoothing as in F.cross_entropy; key_ids [M]: a key
     with the same id as the row's positive (a duplicate document) is not a negative;
-    hard_negatives [N, K, D]: row i's own extra negatives, appended as K more columns."""
+    hard_negatives [N, K, D]: row i's own extra negatives, appended as K more columns;
+    query_negatives: the other queries q_j (j != i) are negatives too; key_negatives: so are the
+    keys against the row's positive key, s(k_pos(i), k_j), j != pos(i) (Qwen3-Embedding)."""
     alpha = scale_of(temperature, logit_scale)
     if isinstance(alpha, torch.Tensor) and alpha.dim() == 1:
         alpha = alpha[:, None]
@@ -48,6 +50,14 @@ def info_nce(query, key, *, temperature=None, logit_scale=None, positive_index=N
         logits = logits.masked_fill(dup, float("-inf"))
     if hard_negatives is not None:
         logits = torch.cat([logits, alpha * torch.einsum("nd,nkd->nk", query, hard_negatives)], 1)
+    if query_negatives:
+        qq = alpha * (query @ query.T)
+        logits = torch.cat([logits, qq.masked_fill(torch.eye(n, dtype=torch.bool,
+                                                             device=qq.device), float("-inf"))], 1)
+    if key_negatives:
+        dd = alpha * (key[pos] @ key.T)
+        self_col = torch.arange(key.shape[0], device=key.device)[None, :] == pos[:, None]
+        logits = torch.cat([logits, dd.masked_fill(self_col, float("-inf"))], 1)
     rows = F.cross_entropy(logits, pos, reduction="none", label_smoothing=label_smoothing)
     if symmetric:
         rows = (rows + F.cross_entropy(logits.T, pos, reduction="none",
