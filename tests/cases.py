@@ -23,6 +23,7 @@ class Case:
     rows: bool = True
     min_n: int = 1
     detached: bool = False  # part of the loss is detached on purpose: gradcheck does not apply
+    backends: tuple = ()  # tile backends that support it (empty: all)
 
 
 def unit(*shape, dtype):
@@ -84,6 +85,20 @@ CASES = [
          lambda b, r, q, k, h, t, pos: tilecl.info_nce(
              q, k, temperature=t, positive_index=pos, hard_negatives=h, query_negatives=True,
              key_negatives=True, reduction=r, backend=b)),
+    Case("info_nce_false_negative_margin",  # Qwen3-Embedding: drop keys above s_pos + 0.05
+         lambda n, d, dt: ((unit(n, d, dtype=dt), unit(2 * n, d, dtype=dt), scalar(0.1, dt)), {}),
+         lambda b, r, q, k, t: tilecl.info_nce(q, k, temperature=t, false_negative_margin=0.05,
+                                               reduction=r, backend=b),
+         # N = 1 leaves one negative and a loss of ~0.09 that cancels from two ~8.5 terms: the
+         # scale gradient is then at fp32's limit (1.7e-5), as for plain InfoNCE on that data
+         backends=("torch",), min_n=2),
+    Case("info_nce_false_negative_ratio",  # NV-Retriever: drop keys above 0.9 s_pos
+         lambda n, d, dt: ((unit(n, d, dtype=dt), unit(n + 6, d, dtype=dt), unit(n, 2, d, dtype=dt)),
+                           {"ids": torch.arange(n + 6) % max(1, (n + 6) // 2)}),
+         lambda b, r, q, k, h, ids: tilecl.info_nce(q, k, temperature=0.1, key_ids=ids,
+                                                    hard_negatives=h, false_negative_ratio=0.9,
+                                                    reduction=r, backend=b),
+         backends=("torch",)),
     Case("clip_smooth",
          lambda n, d, dt: ((unit(n, d, dtype=dt), unit(n, d, dtype=dt), scalar(30.0, dt)), {}),
          lambda b, r, i, t, s: tilecl.info_nce(i, t, logit_scale=s, symmetric=True,

@@ -34,7 +34,7 @@ CASES = [
     "decoupled_uniformity", "zero_info_nce", "zero_clip", "zero_nt_xent", "zero_supcon",
     "zero_siglip", "zero_uniformity", "ddp_clip", "ddp_supcon", "mismatch_d", "mismatch_dtype",
     "mismatch_spec", "bf16_clip", "direct_lowrank", "direct_col",
-    "direct_bf16", "info_nce_smooth", "info_nce_dup", "info_nce_hard", "info_nce_qq_dd",
+    "direct_bf16", "info_nce_smooth", "info_nce_dup", "info_nce_hard", "info_nce_qq_dd", "info_nce_fn",
     "cclk_hardneg", "cclk_weaklysup",
     "decoupled_uniformity_prior", "zero_cclk",
 ]
@@ -164,6 +164,13 @@ def _case(name, c: _Ctx):  # noqa: C901  (one branch per loss)
                          lambda query, key, tau: tilecl.info_nce(query, key, temperature=tau,
                                                                  **kw, **ring),
                          ins, {"query": sl, "key": sl}, {"tau": tau})
+    if name == "info_nce_fn":  # false-negative thresholds are row-side: they stay home
+        ins = {"query": F.normalize(_gen(1, n, D), dim=1), "key": F.normalize(_gen(2, n, D), dim=1)}
+        return c.compare(lambda query, key, tau: tilecl.info_nce(
+            query, key, temperature=tau, false_negative_margin=0.05, backend="reference"),
+            lambda query, key, tau: tilecl.info_nce(query, key, temperature=tau,
+                                                    false_negative_margin=0.05, **ring),
+            ins, {"query": sl, "key": sl}, {"tau": tau})
     if name == "info_nce_none":
         ins = {"query": _gen(1, n, D), "key": _gen(2, n, D)}
         return c.compare(lambda query, key, tau: tilecl.info_nce(

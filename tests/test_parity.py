@@ -20,6 +20,8 @@ LOW = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
 def _params():
     for backend in cpu_backends():
         for case in CASES:
+            if case.backends and backend not in case.backends:
+                continue
             for n, d in SHAPES:
                 if n < case.min_n:
                     continue
@@ -55,6 +57,8 @@ def _as(v, dtype):
 def _low_params():
     for backend in cpu_backends():
         for case in CASES:
+            if case.backends and backend not in case.backends:
+                continue
             for dtype in LOW:
                 for n, d in [(7, 64), (65, 33)]:
                     yield pytest.param(backend, case, dtype, n, d,

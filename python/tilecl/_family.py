@@ -98,18 +98,26 @@ def _global_mean(t, group):
 
 def info_nce(query, key, alpha, positive_index, symmetric, reduction, backend, group,
              label_smoothing=0.0, key_ids=None, hard_negatives=None, query_negatives=False,
-             key_negatives=False):
+             key_negatives=False, fn_margin=None, fn_ratio=None):
     query, key = _up(backend, group, query, key)
     n = query.shape[0]
     off = _col_offset(key.shape[0], group)
     pos = _arange(n, query) if positive_index is None else positive_index
     # positive_index indexes the rank's LOCAL keys (losses.py checks it against M_local)
+    threshold = fn_margin is not None or fn_ratio is not None
     if key_ids is None:
-        spec, aux = TileSpec(sums=(ALL,), col_lse=symmetric), TileAux(col_offset=off)
+        spec = TileSpec(positive="index" if threshold else "none", sums=(ALL,), col_lse=symmetric,
+                        threshold=threshold)
+        aux = TileAux(pos=pos + off if threshold else None, col_offset=off)
     else:  # duplicates of the positive (same id) leave the denominator: an LSE over the keys
         # with another id (a label "neg" sum); the positive itself is added back below
-        spec = TileSpec(positive="label", sums=(NEG,))
+        spec = TileSpec(positive="label", sums=(NEG,), threshold=threshold)
         aux = TileAux(labels_q=key_ids[pos], labels_k=key_ids, col_offset=off)
+    if threshold:  # false negatives: x_ij above the row's (detached) threshold leave the sums
+        with torch.no_grad():
+            a = alpha.detach()
+            sp = a * _dot(query, key[pos])
+            aux.thresh = sp + a * fn_margin if fn_margin is not None else fn_ratio * sp
     stats, col, s_pos = _stats(spec, query, key, alpha, None, aux, backend, group, pos)
     dt = stats.dtype
     lse = stats[0] if key_ids is None else torch.logaddexp(stats[0], s_pos)

@@ -69,6 +69,8 @@ class TileSpec:
     col_lse: bool = False  # column LSE over all allowed rows (symmetric CLIP)
     weight: str = "none"  # where w_ij comes from
     weight_clip: float = 0.0  # w_ij < weight_clip counts as 0 (CCL-K clips below 1e-6)
+    threshold: bool = False  # non-positive columns with x_ij > thresh_i leave every sum (false
+    #                          negatives, NV-Retriever / Qwen3-Embedding); torch backend only
 
     def __post_init__(self):
         if self.logit not in LOGITS:
@@ -82,6 +84,8 @@ class TileSpec:
         needs_y = self.lin or self.sigmoid or any(s.cols != "all" for s in self.sums)
         if needs_y and self.positive == "none":
             raise ValueError("positive/negative columns need TileSpec.positive")
+        if self.threshold and self.positive == "none":
+            raise ValueError("TileSpec.threshold spares the positive: it needs TileSpec.positive")
         if any(s.weighted for s in self.sums) and self.weight == "none":
             raise ValueError("a weighted sum needs TileSpec.weight")
 
@@ -123,6 +127,7 @@ class TileAux:
     weight: Optional[torch.Tensor] = None  # [N, Mw]: w_ij = weight[i, col mod Mw] ("dense")
     wa: Optional[torch.Tensor] = None  # [N, r]: w_ij = <wa_i, wb_j> ("lowrank")
     wb: Optional[torch.Tensor] = None  # [M, r]
+    thresh: Optional[torch.Tensor] = None  # [N]: a column with x_ij > thresh_i is dropped ("threshold")
     col_offset: int = 0
 
     def with_columns(self, labels_k=None, wb=None, col_offset=0) -> "TileAux":

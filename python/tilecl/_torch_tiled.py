@@ -64,7 +64,7 @@ def _logits(spec, qaI, kJ, aI, bias, nqI, nkJ):
     return base * (-aI[:, None]), d2
 
 
-def _masks(spec: TileSpec, aux: TileAux, i0, i1, j0, j1, device):
+def _masks(spec: TileSpec, aux: TileAux, i0, i1, j0, j1, device, x):
     """allowed [BR, BC] bool (None: every column allowed) and Y [BR, BC] bool (None: no positive)."""
     cols = torch.arange(j0 + aux.col_offset, j1 + aux.col_offset, device=device)
     allowed = None
@@ -80,6 +80,9 @@ def _masks(spec: TileSpec, aux: TileAux, i0, i1, j0, j1, device):
         y = aux.labels_q[i0:i1, None] == aux.labels_k[None, j0:j1]
     if y is not None and allowed is not None:
         y = y & allowed
+    if spec.threshold:  # a negative scoring above the row's threshold is a false negative
+        drop = (x > aux.thresh[i0:i1, None].to(x.dtype)) & ~y
+        allowed = ~drop if allowed is None else allowed & ~drop
     return allowed, y
 
 
@@ -149,7 +152,7 @@ def forward(spec: TileSpec, q, k, alpha, bias, aux: TileAux):
             x, _ = _logits(spec, qaI, k[j0:j1].to(cdt), a[i0:i1], bias,
                            nq[i0:i1] if nq is not None else None,
                            nk[j0:j1] if nk is not None else None)
-            allowed, y = _masks(spec, aux, i0, i1, j0, j1, dev)
+            allowed, y = _masks(spec, aux, i0, i1, j0, j1, dev, x)
             w = _weights(spec, aux, i0, i1, j0, j1, cdt)
             shared = None  # exp(x - m_i) of an unmasked-by-weight beta = 1 sum, reused by col
             for r, s in enumerate(spec.sums):
@@ -259,7 +262,7 @@ def backward(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, g_stat
             x, inner = _logits(spec, qaI, kJ, aI, bias,
                                nq[i0:i1] if nq is not None else None,
                                nk[j0:j1] if nk is not None else None)
-            allowed, y = _masks(spec, aux, i0, i1, j0, j1, dev)
+            allowed, y = _masks(spec, aux, i0, i1, j0, j1, dev, x)
             w = _weights(spec, aux, i0, i1, j0, j1, cdt)
             colstat_J = (colg[0][j0:j1], colg[1][j0:j1]) if colg is not None else None
             G = _tile_grad(spec, x, allowed, y, w, stats_I, g_I, colstat_J)

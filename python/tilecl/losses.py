@@ -36,8 +36,8 @@ def _pair(a, a_name, b, b_name, *, same_rows, group=None):
 
 def info_nce(query, key, *, temperature=None, logit_scale=None, positive_index=None,
              symmetric=False, label_smoothing=0.0, key_ids=None, hard_negatives=None,
-             query_negatives=False, key_negatives=False, reduction="mean", backend="auto",
-             group=None):
+             query_negatives=False, key_negatives=False, false_negative_margin=None,
+             false_negative_ratio=None, reduction="mean", backend="auto", group=None):
     """InfoNCE with one positive per row (math.md 2.1).
 
     query: [N, D], key: [M, D] with M >= N; row i's positive is key[positive_index[i]]
@@ -50,6 +50,10 @@ def info_nce(query, key, *, temperature=None, logit_scale=None, positive_index=N
     ``hard_negatives`` [N, K, D]: each row's own mined negatives, besides the shared keys.
     ``query_negatives`` / ``key_negatives`` (Qwen3-Embedding): the other queries, and the other
     keys seen from the row's positive key, join the denominator (one more tile sweep each).
+    ``false_negative_margin`` m (Qwen3-Embedding: 0.1; NV-Retriever's margin variant: -margin) or
+    ``false_negative_ratio`` r (NV-Retriever: 0.95): a key whose similarity exceeds the row's
+    positive similarity + m (or r times it) is a likely false negative and leaves the
+    denominator (thresholds carry no gradient; torch backend).
 
     Example::
 
@@ -70,6 +74,16 @@ def info_nce(query, key, *, temperature=None, logit_scale=None, positive_index=N
                    same_rows=True, allow_empty=group is not None, shape="[N, K, D]")
         if symmetric:
             raise ValueError("hard_negatives cannot be combined with symmetric=True")
+    if false_negative_margin is not None or false_negative_ratio is not None:
+        if false_negative_margin is not None and false_negative_ratio is not None:
+            raise ValueError("give at most one of false_negative_margin and false_negative_ratio")
+        for v, vn in ((false_negative_margin, "false_negative_margin"),
+                      (false_negative_ratio, "false_negative_ratio")):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise TypeError(f"{vn} must be a float, got {type(v).__name__}")
+        if symmetric or label_smoothing:
+            raise ValueError("false-negative masking cannot be combined with symmetric=True or "
+                             "label_smoothing")
     if (query_negatives or key_negatives) and (symmetric or label_smoothing or key_ids is not None):
         raise ValueError("query_negatives / key_negatives cannot be combined with symmetric=True, "
                          "label_smoothing or key_ids")
@@ -86,15 +100,21 @@ def info_nce(query, key, *, temperature=None, logit_scale=None, positive_index=N
             raise ValueError("symmetric=True uses the diagonal positives: positive_index must be None")
     C.reduction(reduction)
     name = _route(backend, query.device, group)
+    fn = false_negative_margin is not None or false_negative_ratio is not None
+    if fn and name not in ("reference", "torch"):
+        raise ValueError(f"false-negative masking runs on the torch and reference backends, not "
+                         f"{name!r}")
     if name == "reference":
         return reference.info_nce(query, key, logit_scale=alpha, positive_index=positive_index,
                                   symmetric=symmetric, label_smoothing=float(label_smoothing),
                                   key_ids=key_ids, hard_negatives=hard_negatives,
                                   query_negatives=bool(query_negatives),
-                                  key_negatives=bool(key_negatives), reduction=reduction)
+                                  key_negatives=bool(key_negatives),
+                                  false_negative_margin=false_negative_margin,
+                                  false_negative_ratio=false_negative_ratio, reduction=reduction)
     return _family.info_nce(query, key, alpha, positive_index, symmetric, reduction, name, group,
                             float(label_smoothing), key_ids, hard_negatives, bool(query_negatives),
-                            bool(key_negatives))
+                            bool(key_negatives), false_negative_margin, false_negative_ratio)
 
 
 def clip_loss(image_features, text_features, logit_scale, *, reduction="mean", backend="auto",

@@ -31,19 +31,29 @@ def scale_of(temperature=None, logit_scale=None):
 
 def info_nce(query, key, *, temperature=None, logit_scale=None, positive_index=None,
              symmetric=False, label_smoothing=0.0, key_ids=None, hard_negatives=None,
-             query_negatives=False, key_negatives=False, reduction="mean"):
+             query_negatives=False, key_negatives=False, false_negative_margin=None,
+             false_negative_ratio=None, reduction="mean"):
     """[2.1] CE(alpha Q K^T, pos); symmetric: (CE rows + CE columns) / 2 (open_clip ClipLoss).
     alpha may be [N] (one per anchor); label_smoothing as in F.cross_entropy; key_ids [M]: a key
     with the same id as the row's positive (a duplicate document) is not a negative;
     hard_negatives [N, K, D]: row i's own extra negatives, appended as K more columns;
     query_negatives: the other queries q_j (j != i) are negatives too; key_negatives: so are the
-    keys against the row's positive key, s(k_pos(i), k_j), j != pos(i) (Qwen3-Embedding)."""
+    keys against the row's positive key, s(k_pos(i), k_j), j != pos(i) (Qwen3-Embedding);
+    false_negative_margin m / ratio r: a key scoring above s_pos + alpha m (or r s_pos) is not a
+    negative (thresholds detached)."""
     alpha = scale_of(temperature, logit_scale)
     if isinstance(alpha, torch.Tensor) and alpha.dim() == 1:
         alpha = alpha[:, None]
     logits = alpha * (query @ key.T)  # [N, M]
     n = query.shape[0]
     pos = torch.arange(n, device=query.device) if positive_index is None else positive_index
+    if false_negative_margin is not None or false_negative_ratio is not None:
+        s_pos = logits.gather(1, pos[:, None]).detach()
+        a = alpha.detach() if isinstance(alpha, torch.Tensor) else alpha
+        thr = (s_pos + a * false_negative_margin if false_negative_margin is not None
+               else false_negative_ratio * s_pos)
+        not_pos = torch.arange(key.shape[0], device=key.device)[None, :] != pos[:, None]
+        logits = logits.masked_fill((logits > thr) & not_pos, float("-inf"))
     if key_ids is not None:
         dup = (key_ids[pos][:, None] == key_ids[None, :]) & (
             torch.arange(key.shape[0], device=key.device)[None, :] != pos[:, None])
