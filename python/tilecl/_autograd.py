@@ -22,6 +22,9 @@ class TileStatsFunction(torch.autograd.Function):
     def forward(ctx, q, k, alpha, bias, spec: TileSpec, aux: TileAux, backend: str, pos):
         ctx.single_set = k is None  # z against itself: dz = dq + dk, summed before rounding
         k = q if k is None else k  # (one tensor input: torch.compile traces no duplicate inputs)
+        if spec.threshold and backend != "torch":
+            raise ValueError(f"the false-negative threshold flag runs on the torch backend only, "
+                             f"not {backend!r}")
         impl = _backends.get(backend)
         stats, col = impl.forward(spec, q, k, alpha, bias, aux)
         if col is None:
