@@ -348,6 +348,32 @@ def _tile_h(b_G, b_inner, a_i, DIST: tl.constexpr, GAMMA: tl.constexpr):
 
 
 @triton.jit
+def _tile_backward(q_ptr, k_ptr, excl_ptr, pos_ptr, labq_ptr, labk_ptr, w_ptr, wa_ptr, wb_ptr,
+                   s_qn, s_qd, s_kn, s_kd, s_wn, s_ww, s_an, s_ar, s_bn, s_br, D, MW, R, col_offset,
+                   o_m, m_m, o_n, m_n, a_i, bias, b_lse0, b_g0, b_lse1, b_g1, b_glin, b_gsig,
+                   b_lsec, b_gc, DIST: tl.constexpr, GAMMA: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   HAS_EXCL: tl.constexpr, POSITIVE: tl.constexpr, WEIGHT: tl.constexpr,
+                   CLIP: tl.constexpr, N_SUMS: tl.constexpr, C0: tl.constexpr, B0: tl.constexpr,
+                   W0: tl.constexpr, C1: tl.constexpr, B1: tl.constexpr, W1: tl.constexpr,
+                   LIN: tl.constexpr, SIG: tl.constexpr, COL_LSE: tl.constexpr,
+                   PRECISION: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr,
+                   BN: tl.constexpr, BK: tl.constexpr):
+    """One recomputed [BM, BN] tile of the backward, shared by the dq and dk passes: the logits
+    x, G = dL/dx from the saved statistics (math.md 1.2) and H = dL/d<q_i, k_j> (1.3, 1.4)."""
+    b_x, b_inner = _tile_logits(q_ptr, k_ptr, s_qn, s_qd, s_kn, s_kd, o_m, m_m, o_n, m_n,
+                                a_i, bias, D, BM, BN, BK, DIST, GAMMA, HAS_BIAS, UPCAST,
+                                PRECISION)
+    m_allowed, m_y = _tile_masks(excl_ptr, pos_ptr, labq_ptr, labk_ptr, col_offset,
+                                 o_m, m_m, o_n, m_n, HAS_EXCL, POSITIVE)
+    b_w = _tile_weights(w_ptr, s_wn, s_ww, MW, wa_ptr, s_an, s_ar, wb_ptr, s_bn, s_br, R,
+                        col_offset, o_m, m_m, o_n, m_n, BM, BN, WEIGHT, CLIP)
+    b_G = _tile_grad(b_x, m_allowed, m_y, b_w, b_lse0, b_g0, b_lse1, b_g1, b_glin,
+                     b_gsig, b_lsec, b_gc, N_SUMS, C0, B0, W0, C1, B1, W1, LIN, SIG,
+                     COL_LSE)
+    return b_x, b_G, _tile_h(b_G, b_inner, a_i, DIST, GAMMA)
+
+
+@triton.jit
 def _grad_dot(b_h, b_v, b_acc, H16: tl.constexpr, HSCALE: tl.constexpr, PRECISION2: tl.constexpr):
     """b_acc + b_h @ b_v with fp32 accumulation: [A, B] @ [B, BD].
 
@@ -417,17 +443,12 @@ def _lse_bwd_kernel(
             a_i = tl.load(a_ptr + o_m * s_a, mask=m_m, other=1.0).to(tl.float32)
             b_lse0, b_g0, b_lse1, b_g1, b_glin, b_gsig = _load_row_stats(
                 st_ptr, g_ptr, s_st, o_m, m_m, BM, N_SUMS, LIN, SIG)
-            b_x, b_inner = _tile_logits(q_ptr, k_ptr, s_qn, s_qd, s_kn, s_kd, o_m, m_m, o_n, m_n,
-                                        a_i, bias, D, BM, BN, BK, DIST, GAMMA, HAS_BIAS, UPCAST,
-                                        PRECISION)
-            m_allowed, m_y = _tile_masks(excl_ptr, pos_ptr, labq_ptr, labk_ptr, col_offset,
-                                         o_m, m_m, o_n, m_n, HAS_EXCL, POSITIVE)
-            b_w = _tile_weights(w_ptr, s_wn, s_ww, MW, wa_ptr, s_an, s_ar, wb_ptr, s_bn, s_br, R,
-                                col_offset, o_m, m_m, o_n, m_n, BM, BN, WEIGHT, CLIP)
-            b_G = _tile_grad(b_x, m_allowed, m_y, b_w, b_lse0, b_g0, b_lse1, b_g1, b_glin,
-                             b_gsig, b_lsec, b_gc, N_SUMS, C0, B0, W0, C1, B1, W1, LIN, SIG,
-                             COL_LSE)
-            b_h = _tile_h(b_G, b_inner, a_i, DIST, GAMMA)
+            b_x, b_G, b_h = _tile_backward(
+                q_ptr, k_ptr, excl_ptr, pos_ptr, labq_ptr, labk_ptr, w_ptr, wa_ptr, wb_ptr,
+                s_qn, s_qd, s_kn, s_kd, s_wn, s_ww, s_an, s_ar, s_bn, s_br, D, MW, R, col_offset,
+                o_m, m_m, o_n, m_n, a_i, bias, b_lse0, b_g0, b_lse1, b_g1, b_glin, b_gsig,
+                b_lsec, b_gc, DIST, GAMMA, HAS_BIAS, HAS_EXCL, POSITIVE, WEIGHT, CLIP, N_SUMS,
+                C0, B0, W0, C1, B1, W1, LIN, SIG, COL_LSE, PRECISION, UPCAST, BM, BN, BK)
             p_q = q_ptr + o_m[:, None] * s_qn + o_d[None, :] * s_qd
             b_q = tl.load(p_q, mask=m_m[:, None] & m_d[None, :], other=0.0)
             b_acc = _grad_dot(tl.trans(b_h), b_q, b_acc, H16, HSCALE, PRECISION2)  # [BN, BM] @ [BM, BD]
@@ -453,17 +474,12 @@ def _lse_bwd_kernel(
             o_n = j0 + tl.arange(0, BN).to(tl.int64)
             m_n = o_n < M
             b_lsec, b_gc = _load_col_stats(colst_ptr, gc_ptr, o_n, m_n, BN, COL_LSE)
-            b_x, b_inner = _tile_logits(q_ptr, k_ptr, s_qn, s_qd, s_kn, s_kd, o_m, m_m, o_n, m_n,
-                                        a_i, bias, D, BM, BN, BK, DIST, GAMMA, HAS_BIAS, UPCAST,
-                                        PRECISION)
-            m_allowed, m_y = _tile_masks(excl_ptr, pos_ptr, labq_ptr, labk_ptr, col_offset,
-                                         o_m, m_m, o_n, m_n, HAS_EXCL, POSITIVE)
-            b_w = _tile_weights(w_ptr, s_wn, s_ww, MW, wa_ptr, s_an, s_ar, wb_ptr, s_bn, s_br, R,
-                                col_offset, o_m, m_m, o_n, m_n, BM, BN, WEIGHT, CLIP)
-            b_G = _tile_grad(b_x, m_allowed, m_y, b_w, b_lse0, b_g0, b_lse1, b_g1, b_glin,
-                             b_gsig, b_lsec, b_gc, N_SUMS, C0, B0, W0, C1, B1, W1, LIN, SIG,
-                             COL_LSE)
-            b_h = _tile_h(b_G, b_inner, a_i, DIST, GAMMA)
+            b_x, b_G, b_h = _tile_backward(
+                q_ptr, k_ptr, excl_ptr, pos_ptr, labq_ptr, labk_ptr, w_ptr, wa_ptr, wb_ptr,
+                s_qn, s_qd, s_kn, s_kd, s_wn, s_ww, s_an, s_ar, s_bn, s_br, D, MW, R, col_offset,
+                o_m, m_m, o_n, m_n, a_i, bias, b_lse0, b_g0, b_lse1, b_g1, b_glin, b_gsig,
+                b_lsec, b_gc, DIST, GAMMA, HAS_BIAS, HAS_EXCL, POSITIVE, WEIGHT, CLIP, N_SUMS,
+                C0, B0, W0, C1, B1, W1, LIN, SIG, COL_LSE, PRECISION, UPCAST, BM, BN, BK)
             p_k = k_ptr + o_n[:, None] * s_kn + o_d[None, :] * s_kd
             b_k = tl.load(p_k, mask=m_n[:, None] & m_d[None, :], other=0.0)
             b_acc = _grad_dot(b_h, b_k, b_acc, H16, HSCALE, PRECISION2)  # [BM, BN] @ [BN, BD]
