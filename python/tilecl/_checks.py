@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from ._spec import compute_dtype  # noqa: F401  (losses.py uses C.compute_dtype)
+
 REDUCTIONS = ("mean", "sum", "none")
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -35,10 +37,6 @@ def features(t, name, *, dim=2, like=None, like_name=None, same_rows=False, same
             raise ValueError(f"{name} must have as many rows as {like_name} ({like.shape[0]}), "
                              f"got {t.shape[0]}")
     return t
-
-
-def compute_dtype(t):
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def positive_scalar(value, name, like):

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ._autograd import tile_stats
-from ._spec import SumSpec, TileAux, TileSpec
+from ._spec import SumSpec, TileAux, TileSpec, compute_dtype
 
 ALL, NEG, POS = SumSpec("all"), SumSpec("neg"), SumSpec("pos")
 
@@ -76,7 +76,7 @@ def _up(backend, group, *ts):
 
 def _dot(a, b):
     """Row-wise <a_i, b_i> in fp32 (float64 stays float64): the positive logits."""
-    dt = torch.float64 if a.dtype == torch.float64 else torch.float32
+    dt = compute_dtype(a)
     return (a.to(dt) * b.to(dt)).sum(1)
 
 

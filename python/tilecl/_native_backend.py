@@ -22,7 +22,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from ._spec import COLUMNS, LOGITS, POSITIVES, WEIGHTS, SumSpec, TileAux, TileSpec
+from ._spec import COLUMNS, LOGITS, POSITIVES, WEIGHTS, SumSpec, TileAux, TileSpec, compute_dtype
 
 try:
     from . import _C
@@ -50,10 +50,6 @@ def _spec_dict(spec: TileSpec) -> dict:
         "weight": WEIGHTS.index(spec.weight),
         "weight_clip": float(spec.weight_clip),
     }
-
-
-def compute_dtype(t):
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def _ptr(t):

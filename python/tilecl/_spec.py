@@ -135,6 +135,12 @@ class TileAux:
         return dataclasses.replace(self, labels_k=labels_k, wb=wb, col_offset=col_offset)
 
 
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """Accumulation / statistics dtype of the contract: fp32 for fp32, fp16 and bf16 inputs;
+    float64 stays float64 (gradcheck, golden cases)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 def merge_stats(spec: TileSpec, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Merge the [S, N] statistics of the same rows against two disjoint column blocks."""
     out = torch.empty_like(a)

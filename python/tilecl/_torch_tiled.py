@@ -13,7 +13,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from ._spec import TileAux, TileSpec, empty_stats
+from ._spec import TileAux, TileSpec, compute_dtype, empty_stats
 
 
 def _default_tile():
@@ -32,11 +32,6 @@ def set_tile_size(rows: int, cols: int) -> tuple:
     old = tuple(TILE)
     TILE[:] = [int(rows), int(cols)]
     return old
-
-
-def compute_dtype(t):
-    """fp32 accumulation for fp32/fp16/bf16 inputs; float64 stays float64 (gradcheck)."""
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def _norms(spec, t):

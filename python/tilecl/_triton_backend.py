@@ -35,7 +35,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from . import _torch_tiled
-from ._spec import COLUMNS, POSITIVES, WEIGHTS, SumSpec, TileAux, TileSpec, empty_stats
+from ._spec import COLUMNS, POSITIVES, WEIGHTS, SumSpec, TileAux, TileSpec, compute_dtype, empty_stats
 
 try:
     import triton
@@ -235,10 +235,6 @@ def _aux_from(excl, pos, labels_q, labels_k, weight, wa, wb, col_offset) -> Tile
                    wa=wa, wb=wb, col_offset=col_offset)
 
 
-def _stats_dtype(q):
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
-
-
 _HAS_CUSTOM_OP = hasattr(torch.library, "custom_op")
 
 if _HAS_CUSTOM_OP:
@@ -257,7 +253,7 @@ if _HAS_CUSTOM_OP:
     @_fwd_op.register_fake
     def _(q, k, alpha, bias, excl, pos, labels_q, labels_k, weight, wa, wb, col_offset, spec):
         sp = spec_from_str(spec)
-        dt = _stats_dtype(q)
+        dt = compute_dtype(q)
         return (q.new_empty((sp.n_stats, q.shape[0]), dtype=dt),
                 q.new_empty((k.shape[0] if sp.col_lse else 0,), dtype=dt))
 
@@ -279,7 +275,7 @@ if _HAS_CUSTOM_OP:
     @_bwd_op.register_fake
     def _(q, k, alpha, bias, excl, pos, labels_q, labels_k, weight, wa, wb, col_offset, stats,
           col, g_stats, g_col, spec, needs):
-        dt = _stats_dtype(q)
+        dt = compute_dtype(q)
         return (q.new_empty(q.shape, dtype=dt), k.new_empty(k.shape, dtype=dt),
                 alpha.new_empty(alpha.shape, dtype=dt), q.new_empty((), dtype=dt))
 

@@ -108,7 +108,7 @@ import torch
 import torch.distributed as dist
 
 from . import _backends
-from ._spec import TileAux, TileSpec, empty_stats, merge_stats
+from ._spec import TileAux, TileSpec, compute_dtype, empty_stats, merge_stats
 
 _TAG_DATA, _TAG_ACC = 0, 16  # gloo matches point-to-point messages by (peer, tag)
 _DTYPES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4, torch.int64: 5}
@@ -123,10 +123,6 @@ def _comm_device(group):
     if "nccl" in str(dist.get_backend(_group(group))).lower():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
-
-
-def _compute_dtype(t):
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 # ---- the ring primitive (STYLE.md 12) -----------------------------------------------------------
@@ -261,7 +257,7 @@ class _RingTileStats(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, alpha, bias, spec, aux, backend, ring, sizes, offsets):
         impl = _backends.get(backend)
-        cdt, dev, n, world = _compute_dtype(q), q.device, q.shape[0], ring.world
+        cdt, dev, n, world = compute_dtype(q), q.device, q.shape[0], ring.world
         stats = empty_stats(spec, n, dev, cdt)
         cur = _pack(k, aux.labels_k, aux.wb)
         col_in, col_work = None, []
@@ -310,7 +306,7 @@ class _RingTileStats(torch.autograd.Function):
         bias = bias if ctx.has_bias else None
         impl = _backends.get(ctx.backend)
         needs = tuple(ctx.needs_input_grad[:4])
-        cdt, dev, n, world = _compute_dtype(q), q.device, q.shape[0], ring.world
+        cdt, dev, n, world = compute_dtype(q), q.device, q.shape[0], ring.world
         g_stats = torch.zeros_like(stats) if g_stats is None else g_stats.to(stats.dtype)
         if spec.col_lse:
             g_col = torch.zeros_like(col) if g_col is None else g_col.to(col.dtype)
