@@ -30,7 +30,7 @@ def main(argv=None):
     ap.add_argument("--budget-s", type=float, default=None,
                     help="wall-clock budget of the grid (points past it are recorded as skipped)")
     ap.add_argument("--loss", action="append", default=None,
-                    help="only these losses (repeatable): clip, siglip, supcon, ntxent")
+                    help="only these losses (repeatable): clip, siglip, supcon, ntxent, matryoshka")
     ap.add_argument("--no-target", action="store_true", help="cpu: skip the N = 8192 target")
     ap.add_argument("--target-only", action="store_true", help="cpu: only the N = 8192 target")
     ap.add_argument("--tiles", default=None,

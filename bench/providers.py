@@ -8,6 +8,8 @@ user would otherwise pick, each written here from the official formula (not copi
   open_clip ``SigLipLoss`` formula for SigLIP, the SupContrast (HobbitLong) formula for SupCon;
 - ``openclip-style``: open_clip ``ClipLoss`` with world_size 1 (two matmuls, logits per image and
   per text, as open_clip computes them);
+- ``dense`` for ``matryoshka``: one materialized [n, n] InfoNCE per prefix dimension, each prefix
+  re-normalized (sentence-transformers' MatryoshkaLoss around MNRL);
 - ``pml``: pytorch-metric-learning ``SupConLoss`` / ``NTXentLoss`` (when installed);
 - CUDA only, when installed: ``inf-cl`` (``inf_cl.cal_flash_loss``, one call per direction),
   ``memeff`` (``MemoryEfficientCLIPLoss``), ``siglip-kernel`` (``fused_siglip_loss``).
@@ -26,11 +28,17 @@ import torch.nn.functional as F
 
 import tilecl
 
-LOSSES = ("clip", "siglip", "supcon", "ntxent")
+LOSSES = ("clip", "siglip", "supcon", "ntxent", "matryoshka")
 CLIP_SCALE = 1 / 0.07  # open_clip's initial logit_scale.exp()
 SIGLIP_SCALE, SIGLIP_BIAS = 10.0, -10.0  # big_vision / open_clip SigLIP init
 SUPCON_TAU = 0.1
 NTXENT_TAU = 0.5
+MRL_TAU = 0.05  # sentence-transformers MNRL: scale 20
+
+
+def mrl_dims(d):
+    """Matryoshka prefixes of a D-wide embedding: D, D/2, D/4, D/8 (those >= 8)."""
+    return [p for p in (d, d // 2, d // 4, d // 8) if p >= 8] or [d]
 # Per-provider size caps where memory grows faster than N^2 and a host OOM would kill the run
 # instead of raising: PML's NTXentLoss compares every positive pair with every negative pair
 # (an [N, N^2] mask, O(N^3) memory: 272 MiB at N = 256, 2.1 GiB and 10 s per call at N = 512 on
@@ -72,6 +80,8 @@ def make_inputs(loss, n, d, dtype, device, seed=0):
         return {"f": feats.requires_grad_(True), "labels": labels}
     if loss == "ntxent":
         return {"a": _unit(half, d, dtype, device, gen), "b": _unit(half, d, dtype, device, gen)}
+    if loss == "matryoshka":
+        return {"a": _unit(n, d, dtype, device, gen), "b": _unit(n, d, dtype, device, gen)}
     raise ValueError(f"unknown loss {loss!r}; expected one of {LOSSES}")
 
 
@@ -123,6 +133,16 @@ def dense_siglip(a, b, scale, bias):
     return -F.logsigmoid(labels * logits).sum() / n
 
 
+def dense_matryoshka(a, b, temperature=MRL_TAU):
+    """sum over prefixes d of CE(normalize(a[:, :d]) normalize(b[:, :d])^T / tau, diagonal)."""
+    labels = torch.arange(a.shape[0], device=a.device)
+    total = 0.0
+    for d in mrl_dims(a.shape[1]):
+        logits = F.normalize(a[:, :d], dim=1) @ F.normalize(b[:, :d], dim=1).T / temperature
+        total = total + F.cross_entropy(logits.float(), labels)
+    return total
+
+
 def dense_supcon(features, labels, temperature=SUPCON_TAU, base_temperature=SUPCON_TAU):
     """SupContrast (HobbitLong) SupConLoss, contrast_mode 'all', transcribed densely (the same
     transcription the compat class falls back to for arbitrary masks)."""
@@ -152,6 +172,9 @@ def _tilecl(loss, backend):
     if loss == "supcon":
         return lambda x: tilecl.supcon(x["f"], x["labels"], temperature=SUPCON_TAU,
                                        base_temperature=SUPCON_TAU, backend=backend)
+    if loss == "matryoshka":
+        return lambda x: tilecl.matryoshka_info_nce(x["a"], x["b"], mrl_dims(x["a"].shape[1]),
+                                                    temperature=MRL_TAU, backend=backend)
     return lambda x: tilecl.nt_xent(x["a"], x["b"], temperature=NTXENT_TAU, backend=backend)
 
 
@@ -214,6 +237,8 @@ def providers(loss, device, d=128):
         out["dense"] = lambda x: dense_siglip(x["a"], x["b"], x["scale"], x["bias"])
     elif loss == "supcon":
         out["dense"] = lambda x: dense_supcon(x["f"], x["labels"])
+    elif loss == "matryoshka":
+        out["dense"] = lambda x: dense_matryoshka(x["a"], x["b"])
     else:
         out["dense"] = lambda x: dense_ntxent(x["a"], x["b"])
     pml = _pml(loss)

@@ -17,7 +17,8 @@ from collections import defaultdict
 import torch
 
 LOSS_TITLES = {"clip": "symmetric CLIP (InfoNCE both ways)", "siglip": "SigLIP",
-               "supcon": "SupCon (2 views, 'all' anchors)", "ntxent": "NT-Xent (SimCLR)"}
+               "supcon": "SupCon (2 views, 'all' anchors)", "ntxent": "NT-Xent (SimCLR)",
+               "matryoshka": "Matryoshka InfoNCE (prefixes D, D/2, D/4, D/8)"}
 
 
 def _cpu_name():

@@ -52,7 +52,8 @@ def cpu_suite(budget_s=260.0):
     series = [Series("clip", fb, "fp32", 128), Series("siglip", fb, "fp32", 128),
               Series("supcon", fb, "fp32", 128), Series("ntxent", fb, "fp32", 128),
               Series("clip", "fwd", "fp32", 128), Series("clip", "bwd", "fp32", 128),
-              Series("clip", fb, "bf16", 128), Series("clip", fb, "fp32", 512)]
+              Series("clip", fb, "bf16", 128), Series("clip", fb, "fp32", 512),
+              Series("matryoshka", fb, "fp32", 512)]
     target = {"n": 8192, "d": 256, "tiles": [(512, 1024), (1024, 1024), (2048, 2048)]}
     return Suite("cpu", "cpu", series, _doubling(256, 2048),
                  H.Config(warmup=1, min_reps=3, max_reps=7, target_s=0.3), time_cap_s=3.0,
@@ -69,7 +70,7 @@ def gpu_suite(budget_s=400.0):
     series += [Series("siglip", fb, dt, d) for dt in ("bf16", "fp32") for d in (128, 1024)]
     series += [Series("ntxent", fb, "bf16", 128), Series("supcon", fb, "fp32", 128),
                Series("supcon", fb, "bf16", 512), Series("siglip", "fwd", "bf16", 512),
-               Series("siglip", "bwd", "bf16", 512)]
+               Series("siglip", "bwd", "bf16", 512), Series("matryoshka", fb, "bf16", 1024)]
     return Suite("gpu", "cuda", series, _doubling(1024, 2**20),
                  H.Config(warmup=2, min_reps=3, max_reps=25, target_s=0.25), time_cap_s=0.6,
                  budget_s=budget_s)

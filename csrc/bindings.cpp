@@ -2,14 +2,15 @@
 // (python/tilecl/_native_backend.py) passes data pointers as integers, sizes, strides in
 // elements, dtype codes, flags as ints and the CUDA stream handle.
 //
-//   forward(spec: dict, prob: dict, stats: int, col: int, device: int, stream: int) -> None
+//   forward(spec: dict, prob: dict, stats: int, col: int, device: int, stream: int,
+//           top_vals: int = 0, top_idx: int = 0, topk: int = 0) -> None   (topk: CPU only)
 //   backward(spec: dict, prob: dict, io: dict, device: int, stream: int) -> None
 //   has_cuda() -> bool ; rtc_source() -> str (device code for NVRTC) ; codes() -> dict
 //
 // spec keys: logit, gamma, positive, n_sums, cols (list), beta (list), weighted (list), lin,
 //   sigmoid, col_lse, weight, weight_clip   (codes of tile_math.h)
 // prob keys: dtype, n, m, d, q, sq0, sq1, k, sk0, sk1, alpha, bias, excl, pos, labels_q, labels_k,
-//   weight, mw, wa, wb, rank, col_offset, threads   (pointers as ints, 0 = none)
+//   weight, mw, wa, wb, rank, col_offset, threads, [thresh]   (pointers as ints, 0 = none)
 // io keys: stats, col, g_stats, g_col, dq, dk, gx, gsum
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -87,6 +88,7 @@ Problem make_problem(const py::dict& spec, const py::dict& d) {
   p.wb = ptr<const void>(d, "wb");
   p.rank = get<int64_t>(d, "rank");
   p.col_offset = get<int64_t>(d, "col_offset");
+  p.thresh = d.contains("thresh") ? ptr<const void>(d, "thresh") : nullptr;
   p.threads = get<int>(d, "threads");
   // pointers the flags need must be there (the kernels trust them)
   if ((p.n > 0 && (!p.q || !p.alpha)) || (p.m > 0 && !p.k))
@@ -109,10 +111,13 @@ Problem make_problem(const py::dict& spec, const py::dict& d) {
 #endif
 
 void forward(const py::dict& spec, const py::dict& prob, uint64_t stats, uint64_t col, int device,
-             uint64_t stream) {
+             uint64_t stream, uint64_t top_vals, uint64_t top_idx, int topk) {
   const Problem p = make_problem(spec, prob);
-  tilecl::ForwardOut out{reinterpret_cast<void*>(stats), reinterpret_cast<void*>(col)};
+  tilecl::ForwardOut out{reinterpret_cast<void*>(stats), reinterpret_cast<void*>(col),
+                         reinterpret_cast<void*>(top_vals), reinterpret_cast<int64_t*>(top_idx), topk};
   if (p.spec.col_lse && p.m > 0 && !out.col) throw std::invalid_argument("tilecl._C: col needed");
+  if (topk > 0 && device != 0)
+    throw std::invalid_argument("tilecl._C: the CUDA kernels do not stream top-k negatives");
   py::gil_scoped_release nogil;
   if (device == 0) {
     tilecl::cpu_forward(p, out);
@@ -158,8 +163,9 @@ void backward(const py::dict& spec, const py::dict& prob, const py::dict& io_d, 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "tilecl native kernels (CPU OpenMP; CUDA when built with nvcc). No torch ABI.";
   m.def("forward", &forward, py::arg("spec"), py::arg("prob"), py::arg("stats"), py::arg("col"),
-        py::arg("device"), py::arg("stream"),
-        "Per-row statistics [S, N] and column LSE [M] of q against k (see tile_api.h).");
+        py::arg("device"), py::arg("stream"), py::arg("top_vals") = 0, py::arg("top_idx") = 0,
+        py::arg("topk") = 0,
+        "Per-row statistics [S, N], column LSE [M] and top-k negatives of q against k (tile_api.h).");
   m.def("backward", &backward, py::arg("spec"), py::arg("prob"), py::arg("io"), py::arg("device"),
         py::arg("stream"), "Accumulate dq, dk, gx, gsum from dL/dstats (see tile_api.h).");
   m.def("has_cuda", [] {

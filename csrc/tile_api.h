@@ -11,8 +11,8 @@ namespace tilecl {
 
 // One (row block, column block) problem: q [N, D] against k [M, D] (any strides, dtype code
 // `dtype`), per-row scale alpha [N] and optional scalar bias in the COMPUTE type (float64 for
-// float64 inputs, float32 otherwise), side data of TileAux (weights/factors in the compute type,
-// contiguous; index/label vectors int64, contiguous).
+// float64 inputs, float32 otherwise), side data of TileAux (weights/factors/thresholds in the
+// compute type, contiguous; index/label vectors int64, contiguous).
 struct Problem {
   Spec spec;
   int dtype;  // DType of q and k
@@ -33,14 +33,21 @@ struct Problem {
   const void* wb;  // [M, rank]
   int64_t rank;
   int64_t col_offset;
+  const void* thresh;  // [N] or null: threshold flag, non-positive columns with x_ij > thresh_i drop
   int threads;  // CPU threads (<= 0: OpenMP default)
 };
 
 // Forward outputs (compute type, contiguous, written, not accumulated):
-//   stats [S, N] (TileSpec layout), col [M] (column LSE, spec.col_lse only).
+//   stats [S, N] (TileSpec layout), col [M] (column LSE, spec.col_lse only);
+//   topk > 0 (TileSpec.topk, CPU only): top_vals [N, topk] the row's largest logits over allowed
+//   non-positive columns, descending, top_idx [N, topk] int64 their global columns; -inf / -1
+//   past the row's number of such columns.
 struct ForwardOut {
   void* stats;
   void* col;
+  void* top_vals = nullptr;
+  int64_t* top_idx = nullptr;
+  int topk = 0;
 };
 
 // Backward inputs (compute type, contiguous): saved stats [S, N], col [M], their upstream

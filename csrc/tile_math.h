@@ -66,6 +66,8 @@ struct Aux {
   const T* wb;              // [M, r]
   int64_t rank;
   int64_t col_offset;
+  const T* thresh;          // [N] or null (TileSpec.threshold): a non-positive column with
+                            // x_ij > thresh_i is a false negative and leaves every sum
 };
 
 #ifdef __CUDACC_RTC__  // NVRTC: device code only, no __builtin_huge_val
@@ -178,11 +180,19 @@ TCL_HD T weight_of(const Aux<T>& aux, T clip, int64_t i, int64_t j_local, int64_
   return w;
 }
 
+// Threshold flag (_torch_tiled._masks): a column that is not a positive of row i and scores above
+// the row's threshold is a false negative; it leaves every sum and the column LSE. Y is decided
+// first (positives are never dropped), so the caller clears `allowed` only.
+template <typename T>
+TCL_HD bool drops_false_negative(const Aux<T>& aux, int64_t i, T x, bool y) {
+  return aux.thresh != nullptr && !y && x > aux.thresh[i];
+}
+
 // Everything the per-element code needs to know about one (i, j) pair.
 template <typename T>
 struct Elem {
   T x;           // logit
-  bool allowed;  // j is not the excluded column of row i
+  bool allowed;  // j is not the excluded column of row i (nor a dropped false negative)
   bool y;        // positive (and allowed)
   T w;           // weight (1 when unweighted)
 };
@@ -194,6 +204,7 @@ TCL_HD Elem<T> make_elem(const Aux<T>& aux, T clip, T x, int64_t i, int64_t j_lo
   e.x = x;
   e.allowed = aux.excl == nullptr || aux.excl[i] != col;
   e.y = e.allowed && is_positive<POS>(aux, i, j_local, col);
+  if (drops_false_negative(aux, i, x, e.y)) e.allowed = false;
   e.w = weight_of<WMODE>(aux, clip, i, j_local, col);
   return e;
 }

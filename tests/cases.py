@@ -47,6 +47,12 @@ def _conds(n, dtype):
     return tuple(torch.randn(n, 3, dtype=torch.float64, generator=_gen(s)).to(dtype) for s in (3, 4))
 
 
+def _prefixes(d):
+    """Matryoshka prefix dims of a D-wide embedding: D, D/2, D/4 (those >= 4: the gradient
+    through the re-normalization of a 1-3 dim prefix cancels catastrophically in fp32)."""
+    return sorted({d} | {p for p in (d // 2, d // 4) if p >= 4}, reverse=True)
+
+
 CASES = [
     Case("info_nce",
          lambda n, d, dt: ((unit(n, d, dtype=dt), unit(n + 3, d, dtype=dt), scalar(0.2, dt)), {}),
@@ -91,14 +97,25 @@ CASES = [
                                                reduction=r, backend=b),
          # N = 1 leaves one negative and a loss of ~0.09 that cancels from two ~8.5 terms: the
          # scale gradient is then at fp32's limit (1.7e-5), as for plain InfoNCE on that data
-         backends=("torch",), min_n=2),
+         min_n=2),
     Case("info_nce_false_negative_ratio",  # NV-Retriever: drop keys above 0.9 s_pos
          lambda n, d, dt: ((unit(n, d, dtype=dt), unit(n + 6, d, dtype=dt), unit(n, 2, d, dtype=dt)),
                            {"ids": torch.arange(n + 6) % max(1, (n + 6) // 2)}),
          lambda b, r, q, k, h, ids: tilecl.info_nce(q, k, temperature=0.1, key_ids=ids,
                                                     hard_negatives=h, false_negative_ratio=0.9,
-                                                    reduction=r, backend=b),
-         backends=("torch",)),
+                                                    reduction=r, backend=b)),
+    Case("matryoshka",  # prefixes d, d/2, d/4 (re-normalized), weighted; extra keys; raw inputs
+         lambda n, d, dt: ((torch.randn(n, d, dtype=torch.float64).to(dt),
+                            torch.randn(n + 3, d, dtype=torch.float64).to(dt), scalar(0.1, dt)), {}),
+         lambda b, r, q, k, t: tilecl.matryoshka_info_nce(
+             q, k, _prefixes(q.shape[1]), weights=[1.0, 0.5, 0.25][:len(_prefixes(q.shape[1]))],
+             temperature=t, reduction=r, backend=b)),
+    Case("matryoshka_clip",  # symmetric, a permuted positive order is not allowed: diagonal
+         lambda n, d, dt: ((torch.randn(n, d, dtype=torch.float64).to(dt),
+                            torch.randn(n, d, dtype=torch.float64).to(dt), scalar(20.0, dt)), {}),
+         lambda b, r, q, k, s: tilecl.matryoshka_info_nce(q, k, _prefixes(q.shape[1])[::-1],
+                                                          logit_scale=s, symmetric=True,
+                                                          reduction=r, backend=b)),
     Case("clip_smooth",
          lambda n, d, dt: ((unit(n, d, dtype=dt), unit(n, d, dtype=dt), scalar(30.0, dt)), {}),
          lambda b, r, i, t, s: tilecl.info_nce(i, t, logit_scale=s, symmetric=True,

@@ -35,7 +35,7 @@ CASES = [
     "zero_siglip", "zero_uniformity", "ddp_clip", "ddp_supcon", "mismatch_d", "mismatch_dtype",
     "mismatch_spec", "bf16_clip", "direct_lowrank", "direct_col",
     "direct_bf16", "info_nce_smooth", "info_nce_dup", "info_nce_hard", "info_nce_qq_dd", "info_nce_fn",
-    "cclk_hardneg", "cclk_weaklysup",
+    "info_nce_topk", "matryoshka", "cclk_hardneg", "cclk_weaklysup",
     "decoupled_uniformity_prior", "zero_cclk",
 ]
 DIRECT = ["direct_lowrank", "direct_col", "direct_bf16"]  # ring_tile_stats itself, also on a one-rank ring
@@ -170,6 +170,30 @@ def _case(name, c: _Ctx):  # noqa: C901  (one branch per loss)
             query, key, temperature=tau, false_negative_margin=0.05, backend="reference"),
             lambda query, key, tau: tilecl.info_nce(query, key, temperature=tau,
                                                     false_negative_margin=0.05, **ring),
+            ins, {"query": sl, "key": sl}, {"tau": tau})
+    if name == "info_nce_topk":  # the hardest negatives merge over the visiting blocks
+        ids = torch.arange(n) % max(1, n - 1)  # one duplicate pair
+        ins = {"query": _gen(1, n, D), "key": _gen(2, n, D)}
+        kw = dict(temperature=tau, key_ids=ids, topk_negatives=3)
+        (_, ref), (_, got) = (tilecl.info_nce(ins["query"], ins["key"], backend="reference", **kw),
+                              tilecl.info_nce(ins["query"][sl], ins["key"][sl], **ring,
+                                              **dict(kw, key_ids=ids[sl])))
+        errs = c.compare(lambda query, key, tau: tilecl.info_nce(
+            query, key, temperature=tau, key_ids=ids, topk_negatives=3, backend="reference")[0],
+            lambda query, key, tau: tilecl.info_nce(query, key, temperature=tau, key_ids=ids[sl],
+                                                    topk_negatives=3, **ring)[0],
+            ins, {"query": sl, "key": sl}, {"tau": tau})
+        rs = ref.similarity[sl]
+        errs["topk_sim"] = float((got.similarity - rs).nan_to_num(neginf=0.0).abs().max())
+        errs["topk_idx_mismatch"] = float((got.index != ref.index[sl]).sum())
+        return errs
+    if name == "matryoshka":  # one ring InfoNCE per prefix, each prefix re-normalized
+        ins = {"query": _gen(1, n, D), "key": _gen(2, n, D)}
+        kw = dict(dims=(D, 3), weights=(1.0, 0.5))
+        return c.compare(lambda query, key, tau: tilecl.matryoshka_info_nce(
+            query, key, temperature=tau, backend="reference", **kw),
+            lambda query, key, tau: tilecl.matryoshka_info_nce(query, key, temperature=tau,
+                                                               **kw, **ring),
             ins, {"query": sl, "key": sl}, {"tau": tau})
     if name == "info_nce_none":
         ins = {"query": _gen(1, n, D), "key": _gen(2, n, D)}

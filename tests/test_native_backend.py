@@ -3,13 +3,18 @@ losses use, on odd shapes, through ``tile_stats(..., backend="native")``: statis
 and the gradients of q, k, alpha and bias under a random upstream gradient.
 
 CPU: float64 to ~1e-10, float32 to a max-relative error of 1e-5, fp16/bf16 inputs (converted per
-tile; same fp32 math as the torch backend). GPU-marked tests run the CUDA kernels when present.
+tile; same fp32 math as the torch backend); the AVX2 kernels, the portable ones
+(TILECL_CPU_ISA=generic) and the element path (TILECL_CPU_SCALAR=1); the threshold flag and the
+streaming top-k negatives. GPU-marked tests run the CUDA kernels when present.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tilecl import _backends
 from tilecl._autograd import tile_stats
@@ -223,7 +228,7 @@ def test_native_cpu_half_inputs(case, dtype):
 
 
 def test_native_cpu_strided_and_multi_tile():
-    """Non-contiguous inputs and several row/column blocks (BR 64, BC 128) in both directions."""
+    """Non-contiguous inputs and several row/column blocks (BR 96, BC 256) in both directions."""
     gen = torch.Generator().manual_seed(3)
     spec, q, k, alpha, bias, aux = make_case("row_alpha", 200, 40, torch.float64, gen)
     q2 = torch.randn(40, 200, generator=gen, dtype=torch.float64).t()  # strides (1, 200)
@@ -233,11 +238,27 @@ def test_native_cpu_strided_and_multi_tile():
     assert_match(got, want, 1e-10, "strided")
 
 
+@pytest.mark.parametrize("dt", list(DTYPES))
+@pytest.mark.parametrize("case", ["clip_symmetric", "col_offset", "dist_gamma1", "cclk_dense"])
+def test_native_cpu_many_blocks(case, dt):
+    """Several row blocks (BR 96) AND column blocks (BC 256) with ragged edges on both sides."""
+    dtype, rtol = DTYPES[dt]
+    gen = torch.Generator().manual_seed(8)
+    spec, q, k, alpha, bias, aux = make_case(case, 290, 37, dtype, gen)
+    want = run("torch", spec, q, k, alpha, bias, aux, 8)
+    got = run("native", spec, q, k, alpha, bias, aux, 8)
+    skip = [NAMES.index("dalpha")] if dtype == torch.float32 else []  # see matches_torch
+    keep = [i for i in range(len(got)) if i not in skip]
+    assert_match([got[i] for i in keep], [want[i] for i in keep], rtol, f"{case} {dt}",
+                 [NAMES[i] for i in keep])
+
+
 @pytest.mark.parametrize("threads", [1, 3])
 def test_native_cpu_threads_and_dk_sweep(monkeypatch, threads):
-    """dk through per-thread partials (default) and through the column sweep (no buffer)."""
+    """dk through per-group partials (default) and through the column sweep (no buffer). The
+    problem is large enough that the kernels do use `threads` threads (small ones run on one)."""
     gen = torch.Generator().manual_seed(4)
-    spec, q, k, alpha, bias, aux = make_case("col_offset", 200, 33, torch.float64, gen)
+    spec, q, k, alpha, bias, aux = make_case("col_offset", 600, 33, torch.float64, gen)
     want = run("torch", spec, q, k, alpha, bias, aux, 4)
     old = torch.get_num_threads()
     try:
@@ -249,6 +270,189 @@ def test_native_cpu_threads_and_dk_sweep(monkeypatch, threads):
         torch.set_num_threads(old)
     assert_match(got, want, 1e-10, f"threads={threads}")
     assert_match(got_sweep, want, 1e-10, f"threads={threads} column sweep")
+
+
+@pytest.mark.parametrize("case", ["clip_symmetric", "supcon_in", "hcl", "cclk_dense", "siglip",
+                                  "dist_gamma1", "col_offset"])
+def test_native_cpu_portable_isa(monkeypatch, case):
+    """TILECL_CPU_ISA=generic: the portable kernels (what a CPU without AVX2 + FMA runs)."""
+    monkeypatch.setenv("TILECL_CPU_ISA", "generic")
+    gen = torch.Generator().manual_seed(6)
+    spec, q, k, alpha, bias, aux = make_case(case, 130, 40, torch.float32, gen)
+    want = run("torch", spec, q, k, alpha, bias, aux, 6)
+    got = run("native", spec, q, k, alpha, bias, aux, 6)
+    i_da = NAMES.index("dalpha")  # dalpha in fp32: see test_native_cpu_matches_torch
+    keep = [i for i in range(len(got)) if i != i_da]
+    assert_match([got[i] for i in keep], [want[i] for i in keep], 1e-5, f"generic {case}",
+                 [NAMES[i] for i in keep])
+
+
+def test_native_cpu_column_lse_fallback():
+    """Symmetric CLIP at logit scale 100 with near-duplicate pairs: in the diagonal tiles every
+    other entry of a column is ~e^-60 below the tile's largest row max, so the column LSE taken
+    from the row pass's exponentials falls under 2^-80 and is recomputed exactly per column."""
+    gen = torch.Generator().manual_seed(12)
+    n, d = 300, 64
+    q = F.normalize(torch.randn(n, d, generator=gen, dtype=torch.float64), dim=1)
+    k = F.normalize(q + 0.05 * torch.randn(n, d, generator=gen, dtype=torch.float64), dim=1)
+    spec = TileSpec(positive="index", sums=(ALL,), col_lse=True)
+    aux = TileAux(pos=torch.arange(n))
+    alpha = torch.tensor(100.0)
+    q32, k32 = q.float(), k.float()
+    x = 100.0 * q @ k.T
+    truth = torch.logsumexp(x, 0)
+    got = run("native", spec, q32, k32, alpha, None, aux, 12)
+    want = run("torch", spec, q32, k32, alpha, None, aux, 12)
+    assert_match(got, want, 1e-5, "sharp clip")
+    torch.testing.assert_close(got[1].double(), truth, rtol=1e-6, atol=1e-5)
+
+
+# ---- threshold flag (false negatives leave every sum and the column LSE) ----------------------
+
+THRESH_CASES = ["infonce", "clip_symmetric", "supcon_out", "hcl", "col_offset"]
+
+
+def _dense(spec, q, k, alpha, aux):
+    """x [N, M] (float64), allowed and Y of the problem, densely (the tests' oracle)."""
+    q64, k64 = q.double(), k.double()
+    a = alpha.double()
+    x = (q64 @ k64.T) * (a[:, None] if a.dim() else a)
+    n, m = x.shape
+    cols = torch.arange(m) + aux.col_offset
+    allowed = torch.ones(n, m, dtype=torch.bool)
+    if aux.excl is not None:
+        allowed &= aux.excl[:, None] != cols[None, :]
+    if spec.positive == "index":
+        y = aux.pos[:, None] == cols[None, :]
+    else:
+        y = aux.labels_q[:, None] == aux.labels_k[None, :]
+    return x, allowed, y & allowed
+
+
+def _thresholds(spec, q, k, alpha, aux):
+    """thresh [N]: per row, the midpoint of the widest gap among the middle non-positive logits,
+    so that about half of the negatives are dropped and no logit lies near the threshold (the two
+    backends round the logits differently). Returns (thresh, number of dropped entries, number
+    of negatives)."""
+    x, allowed, y = _dense(spec, q, k, alpha, aux)
+    n = x.shape[0]
+    thresh = torch.full((n,), float("inf"), dtype=torch.float64)
+    for i in range(n):
+        v = x[i][allowed[i] & ~y[i]].sort().values
+        if v.numel() < 2:
+            continue
+        lo, hi = v.numel() // 3, max(v.numel() // 3 + 1, 2 * v.numel() // 3)
+        gaps = v[lo + 1:hi + 1] - v[lo:hi]
+        g = int(gaps.argmax()) + lo
+        thresh[i] = (v[g] + v[g + 1]) / 2
+    dropped = int(((x > thresh[:, None]) & allowed & ~y).sum())
+    return thresh, dropped, int((allowed & ~y).sum())
+
+
+@pytest.mark.parametrize("dt", list(DTYPES))
+@pytest.mark.parametrize("n", [1, 7, 63, 65, 130])
+@pytest.mark.parametrize("case", THRESH_CASES)
+def test_native_cpu_threshold(case, n, dt):
+    """TileSpec.threshold on native against the torch backend (_torch_tiled._masks): statistics,
+    column LSE and all gradients, with thresholds that drop about half of each row's negatives."""
+    dtype, rtol = DTYPES[dt]
+    d = 64 if n > 7 else 3
+    gen = torch.Generator().manual_seed(50 + n)
+    spec, q, k, alpha, bias, aux = make_case(case, n, d, dtype, gen)
+    spec = dataclasses.replace(spec, threshold=True)
+    thresh, dropped, negatives = _thresholds(spec, q, k, alpha, aux)
+    if negatives < 2:
+        pytest.skip(f"{case} with N={n} has no negatives to drop")
+    assert dropped > 0, "the thresholds drop nothing: the test would pass vacuously"
+    aux = dataclasses.replace(aux, thresh=thresh.to(alpha.dtype))
+    want = run("torch", spec, q, k, alpha, bias, aux, n)
+    got = run("native", spec, q, k, alpha, bias, aux, n)
+    plain = run("native", dataclasses.replace(spec, threshold=False), q, k, alpha, bias,
+                dataclasses.replace(aux, thresh=None), n)
+    assert any(a is not None and not torch.equal(a, b) for a, b in zip(got, plain)), (
+        "dropping columns changed nothing")
+    skip = [NAMES.index("dalpha")] if dtype == torch.float32 else []  # see matches_torch
+    keep = [i for i in range(len(got)) if i not in skip]
+    assert_match([got[i] for i in keep], [want[i] for i in keep], rtol, f"threshold {case} N{n}",
+                 [NAMES[i] for i in keep])
+
+
+@pytest.mark.parametrize("mode", ["scalar", "generic"])
+@pytest.mark.parametrize("case", ["clip_symmetric", "col_offset"])
+def test_native_cpu_threshold_other_paths(monkeypatch, case, mode):
+    """The threshold flag in the element path (TILECL_CPU_SCALAR=1, the CUDA kernels' functions)
+    and in the portable kernels (TILECL_CPU_ISA=generic)."""
+    monkeypatch.setenv("TILECL_CPU_SCALAR" if mode == "scalar" else "TILECL_CPU_ISA",
+                       "1" if mode == "scalar" else "generic")
+    gen = torch.Generator().manual_seed(77)
+    spec, q, k, alpha, bias, aux = make_case(case, 130, 64, torch.float64, gen)
+    spec = dataclasses.replace(spec, threshold=True)
+    thresh, dropped, _ = _thresholds(spec, q, k, alpha, aux)
+    assert dropped > 0
+    aux = dataclasses.replace(aux, thresh=thresh)
+    want = run("torch", spec, q, k, alpha, bias, aux, 77)
+    got = run("native", spec, q, k, alpha, bias, aux, 77)
+    assert_match(got, want, 1e-10, f"threshold {mode} {case}")
+
+
+def test_native_threshold_needs_thresholds():
+    gen = torch.Generator().manual_seed(1)
+    spec, q, k, alpha, bias, aux = make_case("infonce", 7, 3, torch.float32, gen)
+    with pytest.raises(ValueError, match="thresh"):
+        native.forward(dataclasses.replace(spec, threshold=True), q, k, alpha, bias, aux)
+
+
+# ---- streaming top-k hardest negatives (TileSpec.topk) --------------------------------------
+
+TOPK_CASES = ["infonce", "clip_symmetric", "nt_xent_self", "supcon_out", "col_offset"]
+
+
+@pytest.mark.parametrize("kk", [1, 5, 32])
+@pytest.mark.parametrize("n", [1, 7, 63, 65, 130, 290])
+@pytest.mark.parametrize("case", TOPK_CASES)
+def test_native_cpu_topk(case, n, kk):
+    """Each row's kk largest logits over allowed non-positive columns (global indices, padded
+    with -inf / -1), from the native forward, against the torch backend; the named columns are
+    checked against the dense logits."""
+    gen = torch.Generator().manual_seed(90 + n)
+    spec, q, k, alpha, bias, aux = make_case(case, n, 40, torch.float32, gen)
+    spec = dataclasses.replace(spec, topk=kk)
+    stats, col, (vals, idx) = native.forward(spec, q, k, alpha, bias, aux)
+    want_s, want_c, (want_v, want_i) = _backends.get("torch").forward(spec, q, k, alpha, bias, aux)
+    assert vals.shape == idx.shape == (n, kk) and idx.dtype == torch.int64
+    assert_match([stats, col], [want_s, want_c], 1e-5, f"topk {case}", ["stats", "col"])
+    assert_match([vals], [want_v], 1e-5, f"topk {case}", ["vals"])
+    assert torch.equal(idx < 0, want_i < 0) and torch.equal(torch.isneginf(vals), idx < 0)
+    # up to near-ties (the backends round the logits differently): the named columns are distinct
+    # allowed negatives whose dense logits are the values
+    x, allowed, y = _dense(spec, q, k, alpha, aux)
+    xneg = x.masked_fill(~(allowed & ~y), float("-inf"))
+    at = xneg.gather(1, (idx - aux.col_offset).clamp_min(0))
+    torch.testing.assert_close(torch.where(idx >= 0, at, float("-inf")), vals.double(),
+                               rtol=1e-5, atol=1e-5)
+    for row in idx:
+        row = row[row >= 0]
+        assert row.unique().numel() == row.numel()
+    assert (idx != want_i).sum() <= 2 * n // 50, "more index disagreements than near-ties explain"
+    assert n == 1 or bool((idx >= 0).any()), "no negatives: the test would pass vacuously"
+
+
+@pytest.mark.parametrize("mode", ["scalar", "generic"])
+def test_native_cpu_topk_other_paths(monkeypatch, mode):
+    """Top-k with the threshold flag, in the element path and in the portable kernels."""
+    monkeypatch.setenv("TILECL_CPU_SCALAR" if mode == "scalar" else "TILECL_CPU_ISA",
+                       "1" if mode == "scalar" else "generic")
+    gen = torch.Generator().manual_seed(91)
+    spec, q, k, alpha, bias, aux = make_case("col_offset", 130, 40, torch.float64, gen)
+    spec = dataclasses.replace(spec, threshold=True, topk=7)
+    thresh, dropped, _ = _thresholds(spec, q, k, alpha, aux)
+    assert dropped > 0
+    aux = dataclasses.replace(aux, thresh=thresh)
+    got = native.forward(spec, q, k, alpha, bias, aux)
+    want = _backends.get("torch").forward(spec, q, k, alpha, bias, aux)
+    assert torch.equal(got[2][1], want[2][1])
+    assert_match([got[0], got[1], got[2][0]], [want[0], want[1], want[2][0]], 1e-10,
+                 f"topk {mode}", ["stats", "col", "vals"])
 
 
 def test_native_cpu_deterministic():
@@ -285,7 +489,7 @@ def test_native_custom_ops_opcheck(case):
     key = native._spec_key(spec)
     fwd_args = (q, k, alpha, bias, *aux_t, int(aux.col_offset), key)
     torch.library.opcheck(native._fwd_op, fwd_args)
-    stats, col = native._fwd_op(*fwd_args)
+    stats, col, _, _ = native._fwd_op(*fwd_args)
     g = torch.randn(stats.shape, generator=gen)
     gc = torch.randn(col.shape, generator=gen) if spec.col_lse else None
     torch.library.opcheck(native._bwd_op, fwd_args + (stats, col if spec.col_lse else None, g, gc,

@@ -1,6 +1,6 @@
 """Parity of the ``triton`` tile backend with ``_torch_tiled`` for every flag set the losses use.
 
-How to run (CPU, no GPU needed; about 1-2 minutes on 2 cores):
+How to run (CPU, no GPU needed; about 2-3 minutes on 2 cores):
 
     TRITON_INTERPRET=1 .venv/bin/python -m pytest tests/test_triton_backend.py -q
 
@@ -14,8 +14,13 @@ shapes, tf32 tolerance).
 Each case compares, in float32 (normwise relative error <= 1e-5) and float16 (<= 2e-3), the
 forward statistics (row stats and column LSE) and every gradient (dq, dk, dalpha, dbias) for a
 random upstream gradient of the statistics, against ``tilecl._torch_tiled`` on the same inputs.
+The false-negative threshold cases (``test_threshold_*``) place each row's threshold in a gap
+between its logits (so fp32 rounding cannot flip a column) and assert that columns are dropped;
+the top-k cases (``test_topk_*``) check values, padding, order and that every index is an allowed
+non-positive column carrying its value (indices equal to the reference wherever untied).
 """
 
+import dataclasses
 import os
 import sys
 
@@ -297,6 +302,226 @@ def test_torch_compile_fullgraph():
         assert_close(name, a, b, 1e-6)
 
 
+# ---------------------------------------------------------------------------------------------
+# false-negative threshold (TileSpec.threshold) and streamed top-k hardest negatives (TileSpec.topk)
+
+
+def _gap_thresholds(x, cand, gen):
+    """thresh_i between two neighbouring candidate logits of row i (at a random quantile in
+    [0.5, 0.95]), at the widest such gap nearby, so no logit lies within fp32 rounding of it."""
+    th = torch.empty(x.shape[0], dtype=torch.float64)
+    for i in range(x.shape[0]):
+        v = x[i][cand[i]].sort().values
+        if v.numel() < 2:
+            th[i] = (v[0] - 1.0) if v.numel() else 0.0
+            continue
+        lo = int((0.5 + 0.45 * torch.rand((), generator=gen).item()) * (v.numel() - 1))
+        lo = max(0, min(lo, v.numel() - 2))
+        js = range(max(0, lo - 2), min(v.numel() - 1, lo + 3))
+        j = max(js, key=lambda t: (v[t + 1] - v[t]).item())
+        th[i] = (v[j] + v[j + 1]) / 2
+    return th
+
+
+def fn_case(variant, n, d, dtype, symmetric=False, threshold=True, topk=0, m=None, excl=False,
+            col_offset=0, seed=0):
+    """info_nce's tile problem (positive "index", one ALL sum, col LSE when symmetric) or its
+    duplicate-id variant (positive "label", one NEG sum), with thresholds that drop columns.
+    Returns (spec, q, k, alpha, aux, dense) with dense = (x fp64 [N, M], candidate mask of the
+    top-k: allowed non-positive columns) for the checks."""
+    gen = torch.Generator().manual_seed(seed)
+    m = m if m is not None else (n if symmetric else 2 * n + 3)
+    alpha = torch.tensor(1 / 0.07)
+    q = _unit(n, d, gen, dtype)
+    k = _unit(m, d, gen, dtype)
+    pos = torch.randint(0, m, (n,), generator=gen) if not symmetric else torch.arange(n)
+    if symmetric:  # the positives a little closer, like trained CLIP pairs
+        k = F.normalize(k.float().cpu() + 0.5 * q.float().cpu(), dim=1).to(DEV, dtype)
+    ex = (pos + 1) % m + col_offset if excl else None
+    x = alpha.double() * (q.double().cpu() @ k.double().cpu().T)
+    cols = torch.arange(m) + col_offset
+    allowed = torch.ones(n, m, dtype=torch.bool) if ex is None else ex[:, None] != cols[None, :]
+    if variant == "index":
+        spec = TileSpec(positive="index", sums=(SumSpec(),), col_lse=symmetric,
+                        threshold=threshold, topk=topk)
+        aux = TileAux(pos=pos + col_offset)
+        y = (pos[:, None] + col_offset) == cols[None, :]
+    else:
+        key_ids = torch.randint(0, max(m // 3, 3), (m,), generator=gen)
+        spec = TileSpec(positive="label", sums=(SumSpec("neg"),), threshold=threshold, topk=topk)
+        aux = TileAux(labels_q=key_ids[pos], labels_k=key_ids)
+        y = key_ids[pos][:, None] == key_ids[None, :]
+    y = y & allowed
+    aux.excl, aux.col_offset = ex, col_offset
+    if threshold:
+        th = _gap_thresholds(x, allowed & ~y, gen)
+        aux.thresh = th.float()
+        allowed = allowed & ~((x > th[:, None]) & ~y)
+    aux = TileAux(**{f: (v.to(DEV) if isinstance(v, torch.Tensor) else v)
+                     for f, v in vars(aux).items()})
+    return spec, q, k, alpha.to(DEV), aux, (x, allowed & ~y, y)
+
+
+def _check_fn(spec, q, k, alpha, aux, tol):
+    out = tb.forward(spec, q, k, alpha, None, aux)
+    ref = _torch_tiled.forward(spec, q, k, alpha, None, aux)
+    assert_close("stats", out[0], ref[0], tol)
+    if spec.col_lse:
+        assert_close("col_lse", out[1], ref[1], tol)
+    gen = torch.Generator().manual_seed(1)
+    n = q.shape[0]
+    g = (torch.randn(ref[0].shape, generator=gen) / n).to(DEV)
+    gc = (torch.randn(ref[1].shape, generator=gen) / n).to(DEV) if spec.col_lse else None
+    got = tb.backward(spec, q, k, alpha, None, aux, ref[0], ref[1], g, gc)
+    want = _torch_tiled.backward(spec, q, k, alpha, None, aux, ref[0], ref[1], g, gc)
+    for name, a, b in zip(("dq", "dk", "dalpha"), got, want):
+        assert_close(name, a, b, tol)
+    return out, ref
+
+
+FN_CASES = [pytest.param(v, n, d, sym, dt, id=f"{v}{'-sym' if sym else ''}-N{n}-D{d}-{tag}")
+            for v, n, d, sym, dt, tag in (
+                ("index", 1, 3, False, torch.float32, "fp32"),
+                ("index", 17, 64, True, torch.float32, "fp32"),
+                ("index", 63, 100, False, torch.float32, "fp32"),
+                ("index", 65, 100, True, torch.float32, "fp32"),
+                ("index", 130, 64, True, torch.float32, "fp32"),
+                ("label", 1, 64, False, torch.float32, "fp32"),
+                ("label", 17, 3, False, torch.float32, "fp32"),
+                ("label", 130, 100, False, torch.float32, "fp32"),
+                ("index", 65, 64, True, torch.float16, "fp16"),
+                ("index", 63, 3, False, torch.float16, "fp16"),
+                ("label", 65, 100, False, torch.float16, "fp16"))]
+
+
+@pytest.mark.parametrize("variant,n,d,symmetric,dtype", FN_CASES)
+def test_threshold_parity(variant, n, d, symmetric, dtype):
+    """Columns above the row's threshold leave the row sums, the column LSE and every gradient
+    exactly as in the torch backend; the thresholds do drop columns (and spare positives)."""
+    spec, q, k, alpha, aux, (x, cand, y) = fn_case(variant, n, d, dtype, symmetric, excl=n > 1)
+    th = aux.thresh.cpu().double()[:, None]
+    dropped = (x > th) & ~y
+    assert dropped.any(), "the thresholds must drop some columns"
+    if n > 1:
+        assert ((x > th) & y).any(), "some positive must lie above its threshold (and be spared)"
+    out, ref = _check_fn(spec, q, k, alpha, aux, TOL[dtype])
+    off = _torch_tiled.forward(dataclasses.replace(spec, threshold=False), q, k, alpha, None, aux)
+    assert not torch.allclose(off[0], ref[0]), "dropping columns must change the statistics"
+
+
+def test_threshold_through_autograd():
+    """tile_stats(backend="triton") accepts the threshold flag; gradients match the torch one."""
+    spec, q, k, alpha, aux, _ = fn_case("index", 40, 64, torch.float32, symmetric=True)
+    grads = []
+    for backend in ("triton", "torch"):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, alpha)]
+        stats, col, _ = tile_stats(spec, *leaves, None, aux, backend=backend)
+        (stats.sum() + (col * torch.linspace(-1, 1, col.numel(), device=DEV)).sum()).backward()
+        grads.append([t.grad for t in leaves])
+    for name, a, b in zip(("dq", "dk", "dalpha"), *grads):
+        assert_close(name, a, b, 1e-5)
+
+
+def check_topk(spec, q, k, alpha, aux, dense, tol):
+    """vals equal the torch backend's (up to fp32 rounding of the logit) and descend; every
+    index is a distinct allowed non-positive column whose logit is its value (ties may come in
+    any order); padding is -inf / -1 exactly where the reference pads."""
+    x, cand, _ = dense
+    (stats, _, (vals, idx)) = tb.forward(spec, q, k, alpha, None, aux)
+    (rstats, _, (rvals, ridx)) = _torch_tiled.forward(spec, q, k, alpha, None, aux)
+    n, kk = q.shape[0], spec.topk
+    assert vals.shape == (n, kk) and idx.shape == (n, kk), (vals.shape, idx.shape)
+    assert vals.dtype == torch.float32 and idx.dtype == torch.int64
+    if spec.n_stats:
+        assert_close("stats", stats, rstats, tol)
+    vals, idx, rvals, ridx = vals.cpu().double(), idx.cpu(), rvals.cpu().double(), ridx.cpu()
+    pad = torch.isneginf(rvals)
+    assert torch.equal(torch.isneginf(vals), pad) and torch.equal(idx == -1, pad), "padding"
+    atol = tol * 14  # |x| <= alpha = 1 / 0.07
+    assert torch.allclose(vals[~pad], rvals[~pad], rtol=0, atol=atol), "values"
+    assert (vals[:, 1:] <= vals[:, :-1]).all(), "descending"
+    local = idx - aux.col_offset
+    for i in range(n):
+        keep = ~pad[i]
+        li = local[i][keep]
+        assert int(keep.sum()) == min(kk, int(cand[i].sum())), f"row {i}: missed candidates"
+        assert li.unique().numel() == li.numel(), f"row {i}: repeated index"
+        assert cand[i, li].all(), f"row {i}: an index that is not an allowed negative"
+        assert torch.allclose(x[i, li], vals[i][keep], rtol=0, atol=atol), f"row {i}: value"
+        # a value with no other candidate within 1e-3 (no tie) has the reference's index
+        near = ((x[i][cand[i]][None, :] - rvals[i][keep][:, None]).abs() < 1e-3).sum(1)
+        untied = near == 1
+        assert torch.equal(idx[i][keep][untied], ridx[i][keep][untied]), f"row {i}: index"
+
+
+TOPK_CASES = [pytest.param(*c, id=c[-1]) for c in (
+    # variant, n, m, d, topk, threshold, excl, col_offset, dtype, id
+    ("index", 1, 45, 3, 5, False, False, 0, torch.float32, "index-N1-M45-k5"),
+    ("index", 17, 45, 64, 8, False, True, 0, torch.float32, "index-excl-N17-M45-k8"),
+    ("index", 65, 100, 100, 32, False, True, 7, torch.float32, "index-excl-off7-N65-M100-k32"),
+    ("index", 130, 263, 64, 3, True, False, 0, torch.float32, "index-thresh-N130-M263-k3"),
+    ("label", 17, 37, 64, 6, False, True, 0, torch.float32, "label-excl-N17-M37-k6"),
+    ("label", 65, 70, 3, 16, True, True, 0, torch.float32, "label-thresh-excl-N65-M70-k16"),
+    ("index", 17, 5, 64, 8, False, True, 0, torch.float32, "index-M5<k8-padding"),
+    ("label", 17, 6, 64, 4, True, False, 0, torch.float32, "label-thresh-M6-padding"),
+    ("index", 63, 70, 100, 1, False, False, 0, torch.float32, "index-N63-k1"),
+    ("index", 65, 97, 64, 10, True, True, 0, torch.float16, "index-thresh-excl-N65-k10-fp16"),
+)]
+
+
+@pytest.mark.parametrize("variant,n,m,d,topk,threshold,excl,col_offset,dtype,case", TOPK_CASES)
+def test_topk_hardest_negatives(variant, n, m, d, topk, threshold, excl, col_offset, dtype, case):
+    spec, q, k, alpha, aux, dense = fn_case(variant, n, d, dtype, threshold=threshold, topk=topk,
+                                            m=m, excl=excl, col_offset=col_offset)
+    check_topk(spec, q, k, alpha, aux, dense, TOL[dtype])
+
+
+def test_topk_symmetric_and_single_set():
+    """Top-k with the column pass (symmetric CLIP) and with z against itself (self excluded)."""
+    spec, q, k, alpha, aux, dense = fn_case("index", 33, 64, torch.float32, symmetric=True,
+                                            threshold=True, topk=4)
+    check_topk(spec, q, k, alpha, aux, dense, 1e-5)
+    out = tb.forward(spec, q, k, alpha, None, aux)
+    assert_close("col_lse", out[1], _torch_tiled.forward(spec, q, k, alpha, None, aux)[1], 1e-5)
+    z = _unit(40, 16, torch.Generator().manual_seed(3), torch.float32)
+    ar = torch.arange(40, device=DEV)
+    spec = TileSpec(positive="index", sums=(SumSpec(),), topk=7)
+    aux = TileAux(excl=ar, pos=(ar + 20) % 40)
+    x = (1 / 0.07) * (z.double().cpu() @ z.double().cpu().T)
+    cand = ~torch.eye(40, dtype=torch.bool)
+    cand[ar.cpu(), ((ar + 20) % 40).cpu()] = False
+    check_topk(spec, z, z, torch.tensor(1 / 0.07, device=DEV), aux, (x, cand, None), 1e-5)
+
+
+def test_topk_through_autograd_and_no_stats():
+    """tile_stats returns the top-k as a 4th element without gradient; a spec with no row
+    statistic at all still runs the row pass for it."""
+    spec, q, k, alpha, aux, dense = fn_case("index", 20, 64, torch.float32, threshold=True,
+                                            topk=5)
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, alpha)]
+    stats, col, s_pos, (vals, idx) = tile_stats(spec, *leaves, None, aux, backend="triton")
+    assert not vals.requires_grad and idx.dtype == torch.int64
+    ref = tile_stats(spec, q, k, alpha, None, aux, backend="torch")[3]
+    assert_close("vals", vals, ref[0], 1e-5)
+    stats.sum().backward()
+    assert leaves[0].grad is not None
+    bare = TileSpec(positive="index", topk=5)
+    check_topk(bare, q, k, alpha, TileAux(pos=aux.pos), (dense[0], ~dense[2], dense[2]), 1e-5)
+
+
+@pytest.mark.skipif(not hasattr(torch.library, "opcheck"), reason="torch < 2.4")
+def test_custom_ops_opcheck_threshold_topk():
+    spec, q, k, alpha, aux, _ = fn_case("index", 17, 64, torch.float32, symmetric=True, topk=4)
+    torch.library.opcheck(torch.ops.tilecl.triton_tile_fwd.default,
+                          (q, k, alpha, None, *tb._aux_args(aux), tb.spec_to_str(spec)))
+    stats, col, _ = tb.forward(spec, q, k, alpha, None, aux)
+    g, gc = torch.randn_like(stats), torch.randn_like(col)
+    torch.library.opcheck(torch.ops.tilecl.triton_tile_bwd.default,
+                          (q, k, alpha, None, *tb._aux_args(aux), stats, col, g, gc,
+                           tb.spec_to_str(spec), [True, True, True, False]))
+    assert tb.spec_from_str(tb.spec_to_str(spec)) == spec
+
+
 gpu = pytest.mark.skipif(not _CUDA or INTERPRET, reason="needs CUDA (and no TRITON_INTERPRET)")
 
 
@@ -307,6 +532,17 @@ def test_gpu_bf16_large(kind):
     """bf16 at N = 2048, D = 768 (several D chunks, autotuned configs) against fp32 torch on the
     same bf16-rounded inputs."""
     check_case(kind, 2048, 768, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_threshold_topk_large():
+    """Symmetric CLIP with false-negative thresholds and top-16 hardest negatives, bf16, at
+    N = 2048, D = 768 (autotuned configs, the compiled while-loop merge)."""
+    spec, q, k, alpha, aux, dense = fn_case("index", 2048, 768, torch.bfloat16, symmetric=True,
+                                            topk=16)
+    _check_fn(spec, q, k, alpha, aux, TOL[torch.bfloat16])
+    check_topk(spec, q, k, alpha, aux, dense, TOL[torch.bfloat16])
 
 
 @pytest.mark.gpu

@@ -82,10 +82,14 @@ def _prune(backward: bool):
         limit = _smem_limit()
         dpow = triton.next_power_of_2(max(int(d), 16))
         trans = bool(kwargs.get("TRANS", False))
+        topk = int(kwargs.get("TOPK", 0)) > 0
         keep = []
         for c in configs:
             kw = dict(c.kwargs, num_stages=c.num_stages)
             if kw["BK"] > max(dpow, 32):
+                continue
+            # top-k keeps the tile's packed int64 keys live: at most 32 tile entries per thread
+            if topk and kw["BM"] * kw["BN"] > 32 * 32 * c.num_warps:
                 continue
             if backward:
                 acc_rows = kw["BN"] if trans else kw["BM"]

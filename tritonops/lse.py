@@ -10,11 +10,14 @@ a set of constexpr flags; nothing N x M ever reaches global memory. Launchers li
 ``tilecl._triton_backend``; these are kernels only.
 
 Flags (constexpr): DIST (distance logits -alpha d2^(GAMMA/2), math.md 1.4), HAS_BIAS, HAS_EXCL
-(self column), POSITIVE (0 none, 1 index, 2 label), WEIGHT (0 none, 1 dense [N, MW], 2 low rank
-<wa_i, wb_j>), CLIP (weights below it count as 0), N_SUMS and per sum Ck (0 all, 1 pos, 2 neg
-allowed columns), Bk (logit multiplier beta), Wk (weighted), LIN, SIG, COL_LSE, TRANS,
-PRECISION (fp32 dot input precision), UPCAST (fp32 dots under the interpreter for bf16), and in
-the backward PRECISION2 / H16 / HSCALE (operand types of the gradient matmul, see _grad_dot).
+(self column), HAS_THRESH (false negatives: a non-positive column with x_ij > thresh_i leaves the
+row's every sum and the column LSE, in all four passes), POSITIVE (0 none, 1 index, 2 label),
+WEIGHT (0 none, 1 dense [N, MW], 2 low rank <wa_i, wb_j>), CLIP (weights below it count as 0),
+N_SUMS and per sum Ck (0 all, 1 pos, 2 neg allowed columns), Bk (logit multiplier beta), Wk
+(weighted), LIN, SIG, COL_LSE, TRANS, PRECISION (fp32 dot input precision), UPCAST (fp32 dots
+under the interpreter for bf16), in the forward TOPK / TOPK_P2 (stream each row's TOPK largest
+logits over its allowed non-positive columns, see _topk_merge; 0 = off) and in the backward
+PRECISION2 / H16 / HSCALE (operand types of the gradient matmul, see _grad_dot).
 """
 
 import triton
@@ -23,6 +26,7 @@ import triton.language as tl
 from .configs import autotune_kwargs, interpreting
 
 NEG_INF = tl.constexpr(float("-inf"))
+_KEY_NONE = tl.constexpr(-(2**63))  # below every _topk_pack key: no candidate
 
 
 @triton.jit
@@ -72,11 +76,15 @@ def _tile_logits(q_ptr, k_ptr, s_qn, s_qd, s_kn, s_kd, o_m, m_m, o_n, m_n, a_i, 
 
 
 @triton.jit
-def _tile_masks(excl_ptr, pos_ptr, labq_ptr, labk_ptr, col_offset, o_m, m_m, o_n, m_n,
-                HAS_EXCL: tl.constexpr, POSITIVE: tl.constexpr):
-    """allowed [BM, BN] (in range, not the excluded column) and Y [BM, BN] (positive & allowed).
+def _tile_masks(excl_ptr, pos_ptr, labq_ptr, labk_ptr, thr_ptr, col_offset, o_m, m_m, o_n, m_n,
+                b_x, HAS_EXCL: tl.constexpr, POSITIVE: tl.constexpr, HAS_THRESH: tl.constexpr):
+    """allowed [BM, BN] (in range, not the excluded column, not a false negative) and Y [BM, BN]
+    (positive & allowed).
 
     Excluded / positive columns are global indices: column j of the block is col_offset + j.
+    HAS_THRESH: a column with x_ij > thresh_i that is not a positive leaves ``allowed`` (and with
+    it every sum, SupCon/SigLIP statistic and the column LSE); exactly tilecl._torch_tiled._masks.
+    Every pass (forward rows and columns, backward dq and dk) recomputes the same x and mask.
     """
     g_n = o_n + col_offset
     m_allowed = m_m[:, None] & m_n[None, :]
@@ -92,6 +100,9 @@ def _tile_masks(excl_ptr, pos_ptr, labq_ptr, labk_ptr, col_offset, o_m, m_m, o_n
         m_y = m_allowed & (b_lq[:, None] == b_lk[None, :])
     else:
         m_y = m_allowed & (g_n[None, :] < 0)
+    if HAS_THRESH:
+        b_th = tl.load(thr_ptr + o_m, mask=m_m, other=0.0).to(tl.float32)
+        m_allowed = m_allowed & ~((b_x > b_th[:, None]) & ~m_y)
     return m_allowed, m_y
 
 
@@ -162,6 +173,68 @@ def _log1p(b_u):
     return tl.where(m_one, b_u, tl.log(b_v) * (b_u / tl.where(m_one, 1.0, b_v - 1.0)))
 
 
+@triton.jit
+def _topk_pack(b_v, o_c):
+    """Sortable int64 key of (fp32 value, column index >= 0): the value's bits, made
+    order-preserving as a signed int32 (negative floats flip their 31 magnitude bits), in the high
+    half, the column in the low half. Signed int64 order is value order; equal values: larger
+    column first (the contract allows any order among ties)."""
+    b_b = b_v.to(tl.int32, bitcast=True)
+    b_b = b_b ^ ((b_b >> 31) & 0x7FFFFFFF)
+    return (b_b.to(tl.int64) << 32) + o_c
+
+
+@triton.jit
+def _topk_unpack(b_key):
+    """(value fp32, column int64) of _topk_pack keys (the bit flip is its own inverse)."""
+    b_hi = (b_key >> 32).to(tl.int32)
+    b_v = (b_hi ^ ((b_hi >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+    return b_v, b_key - ((b_key >> 32) << 32)
+
+
+@triton.jit
+def _topk_init(BM: tl.constexpr, K: tl.constexpr, TOPK: tl.constexpr):
+    """The running lists [BM, K] before any column: slot t < TOPK holds the key (-inf, t) (empty,
+    and distinct, so a merge round replaces exactly one slot); slots TOPK..K-1 (the width is a
+    power of two) hold a key above every logit's, so they are never the minimum."""
+    o_t = tl.arange(0, K)
+    b_empty = _topk_pack(tl.full([BM, K], NEG_INF, dtype=tl.float32),
+                         tl.zeros([BM, K], dtype=tl.int64) + o_t[None, :])
+    b_off = tl.full([BM, K], 0x7FFFFFFF, dtype=tl.int32).to(tl.int64) << 32
+    return tl.where(o_t[None, :] < TOPK, b_empty, b_off)
+
+
+@triton.jit
+def _topk_best(b_xc, o_n):
+    """Key of each row's largest remaining candidate, _KEY_NONE when none is left."""
+    b_v = tl.max(b_xc, axis=1)
+    b_c = tl.max(tl.where(b_xc == b_v[:, None], o_n[None, :], -1), axis=1)
+    return tl.where(b_v == NEG_INF, _KEY_NONE, _topk_pack(b_v, b_c))
+
+
+@triton.jit
+def _topk_merge(b_top, b_x, m_c, o_n):
+    """Merge one [BM, BN] tile into the running top-k lists of its rows (unsorted, in registers).
+
+    Candidates are x_ij where m_c (allowed non-positive columns). A round takes each row's best
+    remaining candidate (value, then its column: the largest among equal values), puts its key in
+    place of the row's list minimum if it beats it, and knocks the column out of the tile. Rounds
+    stop when no row of the block has a candidate above its list minimum: at most k rounds (the
+    tile's k best), and few once the lists hold large logits. The tile stays fp32 (the packed
+    int64 keys of a whole tile would double its registers); only the lists are int64.
+    """
+    b_xc = tl.where(m_c, b_x, NEG_INF)
+    b_min = tl.min(b_top, axis=1)
+    b_best = _topk_best(b_xc, o_n)
+    while tl.max((b_best > b_min).to(tl.int32), axis=0) > 0:
+        m_in = (b_best > b_min)[:, None]
+        b_top = tl.where(m_in & (b_top == b_min[:, None]), b_best[:, None], b_top)
+        b_xc = tl.where(o_n[None, :] == (b_best - ((b_best >> 32) << 32))[:, None], NEG_INF, b_xc)
+        b_min = tl.min(b_top, axis=1)
+        b_best = _topk_best(b_xc, o_n)
+    return b_top
+
+
 def _heuristics(backward):
     def upcast(args):
         return interpreting() and "bfloat16" in str(args["q_ptr"].dtype)
@@ -178,25 +251,33 @@ def _heuristics(backward):
 
 
 _KEY_FLAGS = ["TRANS", "DIST", "N_SUMS", "WEIGHT", "SIG", "COL_LSE"]
+_FWD_KEY_FLAGS = _KEY_FLAGS + ["TOPK"]
 
 
-@triton.autotune(**autotune_kwargs(False, _KEY_FLAGS))
+@triton.autotune(**autotune_kwargs(False, _FWD_KEY_FLAGS))
 @_heuristics(False)
 @triton.jit
 def _lse_fwd_kernel(
-    q_ptr, k_ptr, a_ptr, bias_ptr, excl_ptr, pos_ptr, labq_ptr, labk_ptr, w_ptr, wa_ptr, wb_ptr,
-    st_ptr, col_ptr,
+    q_ptr, k_ptr, a_ptr, bias_ptr, excl_ptr, pos_ptr, labq_ptr, labk_ptr, thr_ptr, w_ptr, wa_ptr,
+    wb_ptr, st_ptr, col_ptr, tv_ptr, ti_ptr,
     N, M, D, MW, R, col_offset,
     s_qn, s_qd, s_kn, s_kd, s_a, s_wn, s_ww, s_an, s_ar, s_bn, s_br, s_st,
     DIST: tl.constexpr, GAMMA: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_EXCL: tl.constexpr,
+    HAS_THRESH: tl.constexpr,
     POSITIVE: tl.constexpr, WEIGHT: tl.constexpr, CLIP: tl.constexpr, N_SUMS: tl.constexpr,
     C0: tl.constexpr, B0: tl.constexpr, W0: tl.constexpr,
     C1: tl.constexpr, B1: tl.constexpr, W1: tl.constexpr,
     LIN: tl.constexpr, SIG: tl.constexpr, COL_LSE: tl.constexpr, TRANS: tl.constexpr,
+    TOPK: tl.constexpr, TOPK_P2: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
-    """Row statistics [S, N] (TRANS false) or the column LSE [M] (TRANS true) of q against k."""
+    """Row statistics [S, N] (TRANS false) or the column LSE [M] (TRANS true) of q against k.
+
+    Row pass with TOPK > 0: also each row's TOPK largest logits over its allowed non-positive
+    columns, descending (tv [N, TOPK] fp32), and their global columns (ti [N, TOPK] int64),
+    padded with -inf / -1. TOPK_P2 = next power of two >= TOPK (the register list's width).
+    """
     i_p = tl.program_id(0).to(tl.int64)
     if HAS_BIAS:
         bias = tl.load(bias_ptr).to(tl.float32)
@@ -215,8 +296,9 @@ def _lse_fwd_kernel(
             b_x, b_inner = _tile_logits(q_ptr, k_ptr, s_qn, s_qd, s_kn, s_kd, o_m, m_m, o_n, m_n,
                                         a_i, bias, D, BM, BN, BK, DIST, GAMMA, HAS_BIAS, UPCAST,
                                         PRECISION)
-            m_allowed, m_y = _tile_masks(excl_ptr, pos_ptr, labq_ptr, labk_ptr, col_offset,
-                                         o_m, m_m, o_n, m_n, HAS_EXCL, POSITIVE)
+            m_allowed, m_y = _tile_masks(excl_ptr, pos_ptr, labq_ptr, labk_ptr, thr_ptr,
+                                         col_offset, o_m, m_m, o_n, m_n, b_x, HAS_EXCL, POSITIVE,
+                                         HAS_THRESH)
             b_mc, b_lc = _online_lse(b_x, m_allowed, b_x, b_mc, b_lc, False, 0)
         tl.store(col_ptr + o_n, _finish_lse(b_mc, b_lc), mask=m_n)
     else:
@@ -230,14 +312,17 @@ def _lse_fwd_kernel(
         b_lin = tl.zeros([BM], dtype=tl.float32)
         b_cnt = tl.zeros([BM], dtype=tl.float32)
         b_sig = tl.zeros([BM], dtype=tl.float32)
+        if TOPK > 0:
+            b_top = _topk_init(BM, TOPK_P2, TOPK)
         for j0 in range(0, M, BN):
             o_n = j0 + tl.arange(0, BN).to(tl.int64)
             m_n = o_n < M
             b_x, b_inner = _tile_logits(q_ptr, k_ptr, s_qn, s_qd, s_kn, s_kd, o_m, m_m, o_n, m_n,
                                         a_i, bias, D, BM, BN, BK, DIST, GAMMA, HAS_BIAS, UPCAST,
                                         PRECISION)
-            m_allowed, m_y = _tile_masks(excl_ptr, pos_ptr, labq_ptr, labk_ptr, col_offset,
-                                         o_m, m_m, o_n, m_n, HAS_EXCL, POSITIVE)
+            m_allowed, m_y = _tile_masks(excl_ptr, pos_ptr, labq_ptr, labk_ptr, thr_ptr,
+                                         col_offset, o_m, m_m, o_n, m_n, b_x, HAS_EXCL, POSITIVE,
+                                         HAS_THRESH)
             b_w = _tile_weights(w_ptr, s_wn, s_ww, MW, wa_ptr, s_an, s_ar, wb_ptr, s_bn, s_br, R,
                                 col_offset, o_m, m_m, o_n, m_n, BM, BN, WEIGHT, CLIP)
             # lse^k = log sum_j [cols^k] w_ij exp(beta_k x_ij), own running max each (math.md 1.1)
@@ -254,6 +339,8 @@ def _lse_fwd_kernel(
                 b_sp = tl.maximum(b_x, 0.0) + _log1p(tl.exp(-tl.abs(b_x)))
                 b_sp = b_sp - tl.where(m_y, b_x, 0.0)
                 b_sig += tl.sum(tl.where(m_allowed, b_sp, 0.0), axis=1)
+            if TOPK > 0:  # hardest negatives: allowed (not excluded, not dropped), not positive
+                b_top = _topk_merge(b_top, b_x, m_allowed & ~m_y, o_n)
         p_st = st_ptr + o_m
         if N_SUMS >= 1:
             tl.store(p_st, _finish_lse(b_m0, b_l0), mask=m_m)
@@ -264,6 +351,15 @@ def _lse_fwd_kernel(
             tl.store(p_st + (N_SUMS + 1) * s_st, b_cnt, mask=m_m)
         if SIG:
             tl.store(p_st + (N_SUMS + 2 * LIN) * s_st, b_sig, mask=m_m)
+        if TOPK > 0:  # sorted, local column -> global, empty slot (-inf) -> -1
+            o_t = tl.arange(0, TOPK_P2)
+            b_top = tl.sort(tl.where(o_t[None, :] < TOPK, b_top, _KEY_NONE), 1, descending=True)
+            b_tv, b_tc = _topk_unpack(b_top)
+            b_ti = tl.where(b_tv == NEG_INF, -1, b_tc + col_offset)
+            p_t = o_m[:, None] * TOPK + o_t[None, :]
+            m_t = m_m[:, None] & (o_t[None, :] < TOPK)
+            tl.store(tv_ptr + p_t, b_tv, mask=m_t)
+            tl.store(ti_ptr + p_t, b_ti, mask=m_t)
 
 
 @triton.jit
@@ -348,13 +444,14 @@ def _tile_h(b_G, b_inner, a_i, DIST: tl.constexpr, GAMMA: tl.constexpr):
 
 
 @triton.jit
-def _tile_backward(q_ptr, k_ptr, excl_ptr, pos_ptr, labq_ptr, labk_ptr, w_ptr, wa_ptr, wb_ptr,
-                   s_qn, s_qd, s_kn, s_kd, s_wn, s_ww, s_an, s_ar, s_bn, s_br, D, MW, R, col_offset,
-                   o_m, m_m, o_n, m_n, a_i, bias, b_lse0, b_g0, b_lse1, b_g1, b_glin, b_gsig,
-                   b_lsec, b_gc, DIST: tl.constexpr, GAMMA: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   HAS_EXCL: tl.constexpr, POSITIVE: tl.constexpr, WEIGHT: tl.constexpr,
-                   CLIP: tl.constexpr, N_SUMS: tl.constexpr, C0: tl.constexpr, B0: tl.constexpr,
-                   W0: tl.constexpr, C1: tl.constexpr, B1: tl.constexpr, W1: tl.constexpr,
+def _tile_backward(q_ptr, k_ptr, excl_ptr, pos_ptr, labq_ptr, labk_ptr, thr_ptr, w_ptr, wa_ptr,
+                   wb_ptr, s_qn, s_qd, s_kn, s_kd, s_wn, s_ww, s_an, s_ar, s_bn, s_br, D, MW, R,
+                   col_offset, o_m, m_m, o_n, m_n, a_i, bias, b_lse0, b_g0, b_lse1, b_g1, b_glin,
+                   b_gsig, b_lsec, b_gc, DIST: tl.constexpr, GAMMA: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, HAS_EXCL: tl.constexpr, HAS_THRESH: tl.constexpr,
+                   POSITIVE: tl.constexpr, WEIGHT: tl.constexpr, CLIP: tl.constexpr,
+                   N_SUMS: tl.constexpr, C0: tl.constexpr, B0: tl.constexpr, W0: tl.constexpr,
+                   C1: tl.constexpr, B1: tl.constexpr, W1: tl.constexpr,
                    LIN: tl.constexpr, SIG: tl.constexpr, COL_LSE: tl.constexpr,
                    PRECISION: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr,
                    BN: tl.constexpr, BK: tl.constexpr):
@@ -363,8 +460,8 @@ def _tile_backward(q_ptr, k_ptr, excl_ptr, pos_ptr, labq_ptr, labk_ptr, w_ptr, w
     b_x, b_inner = _tile_logits(q_ptr, k_ptr, s_qn, s_qd, s_kn, s_kd, o_m, m_m, o_n, m_n,
                                 a_i, bias, D, BM, BN, BK, DIST, GAMMA, HAS_BIAS, UPCAST,
                                 PRECISION)
-    m_allowed, m_y = _tile_masks(excl_ptr, pos_ptr, labq_ptr, labk_ptr, col_offset,
-                                 o_m, m_m, o_n, m_n, HAS_EXCL, POSITIVE)
+    m_allowed, m_y = _tile_masks(excl_ptr, pos_ptr, labq_ptr, labk_ptr, thr_ptr, col_offset,
+                                 o_m, m_m, o_n, m_n, b_x, HAS_EXCL, POSITIVE, HAS_THRESH)
     b_w = _tile_weights(w_ptr, s_wn, s_ww, MW, wa_ptr, s_an, s_ar, wb_ptr, s_bn, s_br, R,
                         col_offset, o_m, m_m, o_n, m_n, BM, BN, WEIGHT, CLIP)
     b_G = _tile_grad(b_x, m_allowed, m_y, b_w, b_lse0, b_g0, b_lse1, b_g1, b_glin,
@@ -408,11 +505,12 @@ def _grad_dot(b_h, b_v, b_acc, H16: tl.constexpr, HSCALE: tl.constexpr, PRECISIO
 @_heuristics(True)
 @triton.jit
 def _lse_bwd_kernel(
-    q_ptr, k_ptr, a_ptr, bias_ptr, excl_ptr, pos_ptr, labq_ptr, labk_ptr, w_ptr, wa_ptr, wb_ptr,
-    st_ptr, g_ptr, colst_ptr, gc_ptr, out_ptr, gsum_ptr, gx_ptr,
+    q_ptr, k_ptr, a_ptr, bias_ptr, excl_ptr, pos_ptr, labq_ptr, labk_ptr, thr_ptr, w_ptr, wa_ptr,
+    wb_ptr, st_ptr, g_ptr, colst_ptr, gc_ptr, out_ptr, gsum_ptr, gx_ptr,
     N, M, D, MW, R, col_offset,
     s_qn, s_qd, s_kn, s_kd, s_a, s_wn, s_ww, s_an, s_ar, s_bn, s_br, s_st, s_on, s_od,
     DIST: tl.constexpr, GAMMA: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_EXCL: tl.constexpr,
+    HAS_THRESH: tl.constexpr,
     POSITIVE: tl.constexpr, WEIGHT: tl.constexpr, CLIP: tl.constexpr, N_SUMS: tl.constexpr,
     C0: tl.constexpr, B0: tl.constexpr, W0: tl.constexpr,
     C1: tl.constexpr, B1: tl.constexpr, W1: tl.constexpr,
@@ -444,11 +542,12 @@ def _lse_bwd_kernel(
             b_lse0, b_g0, b_lse1, b_g1, b_glin, b_gsig = _load_row_stats(
                 st_ptr, g_ptr, s_st, o_m, m_m, BM, N_SUMS, LIN, SIG)
             b_x, b_G, b_h = _tile_backward(
-                q_ptr, k_ptr, excl_ptr, pos_ptr, labq_ptr, labk_ptr, w_ptr, wa_ptr, wb_ptr,
-                s_qn, s_qd, s_kn, s_kd, s_wn, s_ww, s_an, s_ar, s_bn, s_br, D, MW, R, col_offset,
-                o_m, m_m, o_n, m_n, a_i, bias, b_lse0, b_g0, b_lse1, b_g1, b_glin, b_gsig,
-                b_lsec, b_gc, DIST, GAMMA, HAS_BIAS, HAS_EXCL, POSITIVE, WEIGHT, CLIP, N_SUMS,
-                C0, B0, W0, C1, B1, W1, LIN, SIG, COL_LSE, PRECISION, UPCAST, BM, BN, BK)
+                q_ptr, k_ptr, excl_ptr, pos_ptr, labq_ptr, labk_ptr, thr_ptr, w_ptr, wa_ptr,
+                wb_ptr, s_qn, s_qd, s_kn, s_kd, s_wn, s_ww, s_an, s_ar, s_bn, s_br, D, MW, R,
+                col_offset, o_m, m_m, o_n, m_n, a_i, bias, b_lse0, b_g0, b_lse1, b_g1, b_glin,
+                b_gsig, b_lsec, b_gc, DIST, GAMMA, HAS_BIAS, HAS_EXCL, HAS_THRESH, POSITIVE,
+                WEIGHT, CLIP, N_SUMS, C0, B0, W0, C1, B1, W1, LIN, SIG, COL_LSE, PRECISION,
+                UPCAST, BM, BN, BK)
             p_q = q_ptr + o_m[:, None] * s_qn + o_d[None, :] * s_qd
             b_q = tl.load(p_q, mask=m_m[:, None] & m_d[None, :], other=0.0)
             b_acc = _grad_dot(tl.trans(b_h), b_q, b_acc, H16, HSCALE, PRECISION2)  # [BN, BM] @ [BM, BD]
@@ -475,11 +574,12 @@ def _lse_bwd_kernel(
             m_n = o_n < M
             b_lsec, b_gc = _load_col_stats(colst_ptr, gc_ptr, o_n, m_n, BN, COL_LSE)
             b_x, b_G, b_h = _tile_backward(
-                q_ptr, k_ptr, excl_ptr, pos_ptr, labq_ptr, labk_ptr, w_ptr, wa_ptr, wb_ptr,
-                s_qn, s_qd, s_kn, s_kd, s_wn, s_ww, s_an, s_ar, s_bn, s_br, D, MW, R, col_offset,
-                o_m, m_m, o_n, m_n, a_i, bias, b_lse0, b_g0, b_lse1, b_g1, b_glin, b_gsig,
-                b_lsec, b_gc, DIST, GAMMA, HAS_BIAS, HAS_EXCL, POSITIVE, WEIGHT, CLIP, N_SUMS,
-                C0, B0, W0, C1, B1, W1, LIN, SIG, COL_LSE, PRECISION, UPCAST, BM, BN, BK)
+                q_ptr, k_ptr, excl_ptr, pos_ptr, labq_ptr, labk_ptr, thr_ptr, w_ptr, wa_ptr,
+                wb_ptr, s_qn, s_qd, s_kn, s_kd, s_wn, s_ww, s_an, s_ar, s_bn, s_br, D, MW, R,
+                col_offset, o_m, m_m, o_n, m_n, a_i, bias, b_lse0, b_g0, b_lse1, b_g1, b_glin,
+                b_gsig, b_lsec, b_gc, DIST, GAMMA, HAS_BIAS, HAS_EXCL, HAS_THRESH, POSITIVE,
+                WEIGHT, CLIP, N_SUMS, C0, B0, W0, C1, B1, W1, LIN, SIG, COL_LSE, PRECISION,
+                UPCAST, BM, BN, BK)
             p_k = k_ptr + o_n[:, None] * s_kn + o_d[None, :] * s_kd
             b_k = tl.load(p_k, mask=m_n[:, None] & m_d[None, :], other=0.0)
             b_acc = _grad_dot(b_h, b_k, b_acc, H16, HSCALE, PRECISION2)  # [BM, BN] @ [BN, BD]

@@ -41,6 +41,7 @@ KParams make_params(const Problem& p) {
   k.aux.wb = static_cast<const float*>(p.wb);
   k.aux.rank = p.rank;
   k.aux.col_offset = p.col_offset;
+  k.aux.thresh = static_cast<const float*>(p.thresh);
   return k;
 }
 

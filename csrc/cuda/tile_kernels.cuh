@@ -104,10 +104,11 @@ __device__ __forceinline__ void stage_chunk_f32(const Tin* x, int64_t s0, int64_
 }
 
 // S[64][kLDX] = Q[i0:i0+64] K[j0:j0+64]^T (raw dot products, fp32); norms of both sides (DIST)
-// into s_nq / s_nk; alpha of the rows into s_al.
+// into s_nq / s_nk; alpha of the rows into s_al, their thresh (threshold flag) into s_th and
+// the local column of their positive (POS_INDEX; -1 outside the tile) into s_pc.
 template <typename Tin, bool DIST>
 __device__ void dot_tile(const KParams& p, int64_t i0, int64_t j0, float* s_x, unsigned char* raw,
-                         float* s_nq, float* s_nk, float* s_al) {
+                         float* s_nq, float* s_nk, float* s_al, float* s_th, int* s_pc) {
   constexpr int LDS = Staging<Tin>::kLDS;
   Tin* s_q = reinterpret_cast<Tin*>(raw);
   Tin* s_k = s_q + kBM * LDS;
@@ -115,6 +116,11 @@ __device__ void dot_tile(const KParams& p, int64_t i0, int64_t j0, float* s_x, u
   const Tin* k = static_cast<const Tin*>(p.k);
   const int tid = threadIdx.x;
   if (tid < kBM) s_al[tid] = i0 + tid < p.n ? p.alpha[i0 + tid] : 0.f;
+  if (p.aux.thresh && tid < kBM) s_th[tid] = i0 + tid < p.n ? p.aux.thresh[i0 + tid] : 0.f;
+  if (p.spec.positive == POS_INDEX && tid < kBM) {
+    const int64_t pc = i0 + tid < p.n ? p.aux.pos[i0 + tid] - p.aux.col_offset - j0 : -1;
+    s_pc[tid] = pc >= 0 && pc < kBN ? static_cast<int>(pc) : -1;
+  }
   float nrm = 0.f;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   constexpr bool kTensor = sizeof(Tin) == 2;
@@ -185,7 +191,8 @@ __device__ void dot_tile(const KParams& p, int64_t i0, int64_t j0, float* s_x, u
 // Element (r, c) of the current tile: logit, masks, weight (tile_math.h semantics).
 template <bool DIST>
 __device__ __forceinline__ Elem<float> elem_dev(const KParams& p, const float* s_x, const float* s_nq,
-                                                const float* s_nk, const float* s_al, float bias,
+                                                const float* s_nk, const float* s_al,
+                                                const float* s_th, const int* s_pc, float bias,
                                                 int r, int c, int64_t i, int64_t j, float* inner_out) {
   const float dot = s_x[r * kLDX + c];
   const float inner = DIST ? dist2(dot, s_nq[r], s_nk[c]) : dot;
@@ -196,9 +203,10 @@ __device__ __forceinline__ Elem<float> elem_dev(const KParams& p, const float* s
   const int64_t col = p.aux.col_offset + j;
   e.allowed = p.aux.excl == nullptr || p.aux.excl[i] != col;
   bool y = false;
-  if (p.spec.positive == POS_INDEX) y = is_positive<POS_INDEX>(p.aux, i, j, col);
+  if (p.spec.positive == POS_INDEX) y = s_pc[r] == c;  // pos[i] == col
   else if (p.spec.positive == POS_LABEL) y = is_positive<POS_LABEL>(p.aux, i, j, col);
   e.y = e.allowed && y;
+  if (p.aux.thresh && !e.y && e.x > s_th[r]) e.allowed = false;  // drops_false_negative
   if (p.spec.weight == W_DENSE) e.w = weight_of<W_DENSE>(p.aux, clip, i, j, col);
   else if (p.spec.weight == W_LOWRANK) e.w = weight_of<W_LOWRANK>(p.aux, clip, i, j, col);
   else e.w = 1.f;
@@ -215,7 +223,8 @@ __device__ void tile_body(const KParams& p) {
   constexpr bool kOwnRows = MODE == MODE_FWD_ROWS || MODE == MODE_BWD_DQ;
   __shared__ __align__(32) float s_x[kBM * kLDX];
   __shared__ __align__(32) unsigned char s_raw[Staging<Tin>::kBytes];
-  __shared__ float s_nq[kBM], s_nk[kBN], s_al[kBM];
+  __shared__ float s_nq[kBM], s_nk[kBN], s_al[kBM], s_th[kBM];
+  __shared__ int s_pc[kBM];
   __shared__ float s_rl[2][kBM], s_rg[2][kBM], s_rlin[kBM], s_rsig[kBM];  // MODE_BWD_DK row grads
   float* s_op = reinterpret_cast<float*>(s_raw);
 
@@ -244,7 +253,7 @@ __device__ void tile_body(const KParams& p) {
   for (int64_t o0 = 0; o0 < n_other; o0 += kBN) {
     const int64_t i0 = kOwnRows ? own0 : o0, j0 = kOwnRows ? o0 : own0;
     __syncthreads();  // the previous step is done with the shared tiles
-    dot_tile<Tin, DIST>(p, i0, j0, s_x, s_raw, s_nq, s_nk, s_al);
+    dot_tile<Tin, DIST>(p, i0, j0, s_x, s_raw, s_nq, s_nk, s_al, s_th, s_pc);
     if (MODE == MODE_BWD_DK && tid < kBM) {
       RowGrad<float> r = {};
       if (i0 + tid < p.n) r = make_row_grad(sp, p.stats_in, p.g_stats, p.n, i0 + tid);
@@ -262,7 +271,8 @@ __device__ void tile_body(const KParams& p) {
         for (int c = half * 32; c < half * 32 + 32; ++c) {
           const int64_t j = j0 + c;
           if (!me_valid || j >= p.m) break;
-          const Elem<float> e = elem_dev<DIST>(p, s_x, s_nq, s_nk, s_al, bias, L, c, me, j, nullptr);
+          const Elem<float> e = elem_dev<DIST>(p, s_x, s_nq, s_nk, s_al, s_th, s_pc, bias,
+                                               L, c, me, j, nullptr);
           if (sum_sees(sp, k, e)) tmax = t_max(tmax, beta * e.x);
         }
         tmax = pair_max(tmax);
@@ -271,7 +281,8 @@ __device__ void tile_body(const KParams& p) {
         for (int c = half * 32; c < half * 32 + 32; ++c) {
           const int64_t j = j0 + c;
           if (!me_valid || j >= p.m || tmax == neg_inf<float>()) break;
-          l += sum_term(sp, k, elem_dev<DIST>(p, s_x, s_nq, s_nk, s_al, bias, L, c, me, j, nullptr), mnew);
+          l += sum_term(sp, k, elem_dev<DIST>(p, s_x, s_nq, s_nk, s_al, s_th, s_pc, bias,
+                                              L, c, me, j, nullptr), mnew);
         }
         run_m[k] = mnew;
         run_l[k] = l;
@@ -280,26 +291,31 @@ __device__ void tile_body(const KParams& p) {
         for (int c = half * 32; c < half * 32 + 32; ++c) {
           const int64_t j = j0 + c;
           if (!me_valid || j >= p.m) break;
-          const Elem<float> e = elem_dev<DIST>(p, s_x, s_nq, s_nk, s_al, bias, L, c, me, j, nullptr);
+          const Elem<float> e = elem_dev<DIST>(p, s_x, s_nq, s_nk, s_al, s_th, s_pc, bias,
+                                               L, c, me, j, nullptr);
           if (e.y) { lin += e.x; cnt += 1.f; }
           if (sp.sigmoid) sig += sig_term(e);
         }
       }
     } else if (MODE == MODE_FWD_COLS) {  // ---- column LSE of column me over allowed rows
       float tmax = neg_inf<float>();
+#pragma unroll 1
       for (int r = half * 32; r < half * 32 + 32; ++r) {
         const int64_t i = i0 + r;
         if (!me_valid || i >= p.n) break;
-        const Elem<float> e = elem_dev<DIST>(p, s_x, s_nq, s_nk, s_al, bias, r, L, i, me, nullptr);
+        const Elem<float> e = elem_dev<DIST>(p, s_x, s_nq, s_nk, s_al, s_th, s_pc, bias,
+                                             r, L, i, me, nullptr);
         if (e.allowed) tmax = t_max(tmax, e.x);
       }
       tmax = pair_max(tmax);
       const float mnew = t_max(run_m[0], tmax), ref = lse_ref(mnew);
       float l = lse_rescale(run_l[0], run_m[0], mnew);
+#pragma unroll 1
       for (int r = half * 32; r < half * 32 + 32; ++r) {
         const int64_t i = i0 + r;
         if (!me_valid || i >= p.n || tmax == neg_inf<float>()) break;
-        const Elem<float> e = elem_dev<DIST>(p, s_x, s_nq, s_nk, s_al, bias, r, L, i, me, nullptr);
+        const Elem<float> e = elem_dev<DIST>(p, s_x, s_nq, s_nk, s_al, s_th, s_pc, bias,
+                                             r, L, i, me, nullptr);
         if (e.allowed) l += t_exp(e.x - ref);
       }
       run_m[0] = mnew;
@@ -313,7 +329,8 @@ __device__ void tile_body(const KParams& p) {
         float H = 0.f;
         if (me_valid && i < p.n && j < p.m) {
           float inner;
-          const Elem<float> e = elem_dev<DIST>(p, s_x, s_nq, s_nk, s_al, bias, r, c, i, j, &inner);
+          const Elem<float> e = elem_dev<DIST>(p, s_x, s_nq, s_nk, s_al, s_th, s_pc, bias,
+                                               r, c, i, j, &inner);
           float lse_c = 0.f, g_c = 0.f;
           RowGrad<float> rr;
           if (MODE == MODE_BWD_DQ) {

@@ -9,6 +9,7 @@ Functional losses (``tilecl.info_nce``, ``clip_loss``, ``siglip_loss``, ``nt_xen
 from . import reference
 from ._backends import available_backends
 from .losses import (
+    HardNegatives,
     cclk_loss,
     clip_loss,
     dcl_loss,
@@ -17,6 +18,7 @@ from .losses import (
     hcl_loss,
     info_nce,
     kernel_info_nce,
+    matryoshka_info_nce,
     nt_xent,
     siglip_loss,
     supcon,
@@ -28,6 +30,6 @@ __all__ = [
     "available_backends", "reference", "info_nce", "clip_loss", "siglip_loss", "nt_xent",
     "supcon", "dcl_loss", "hcl_loss", "debiased_loss", "cclk_loss", "kernel_info_nce",
     "uniformity_loss", "decoupled_uniformity", "InfoNCELoss", "ClipLoss", "NTXentLoss",
-    "SupConLoss", "SigLipLoss",
+    "SupConLoss", "SigLipLoss", "HardNegatives", "matryoshka_info_nce",
 ]
 __version__ = "0.1.0"

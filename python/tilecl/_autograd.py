@@ -22,13 +22,16 @@ class TileStatsFunction(torch.autograd.Function):
     def forward(ctx, q, k, alpha, bias, spec: TileSpec, aux: TileAux, backend: str, pos):
         ctx.single_set = k is None  # z against itself: dz = dq + dk, summed before rounding
         k = q if k is None else k  # (one tensor input: torch.compile traces no duplicate inputs)
-        if spec.threshold and backend != "torch":
-            raise ValueError(f"the false-negative threshold flag runs on the torch backend only, "
-                             f"not {backend!r}")
+        if spec.threshold and backend not in ("torch", "native", "triton"):
+            raise ValueError(f"the false-negative threshold flag (false_negative_margin / ratio) "
+                             f"is not implemented by the {backend!r} backend")
         impl = _backends.get(backend)
-        stats, col = impl.forward(spec, q, k, alpha, bias, aux)
+        stats, col, *top = impl.forward(spec, q, k, alpha, bias, aux)
         if col is None:
             col = stats.new_zeros(0)
+        if spec.topk and not top:
+            raise ValueError(f"backend {backend!r} does not stream top-k negatives (spec.topk)")
+        top_vals, top_idx = top[0] if top else (stats.new_zeros(0), col.new_zeros(0).long())
         ctx.pos = pos
         s_pos = stats.new_zeros(0)
         if pos is not None:  # alpha_i <q_i, k_pos(i)> in the statistics' dtype
@@ -39,11 +42,11 @@ class TileStatsFunction(torch.autograd.Function):
             ctx.save_for_backward(q, None if ctx.single_set else k, alpha,
                                   bias if bias is not None else alpha.new_zeros(()), stats, col)
         ctx.mark_non_differentiable(*(() if spec.col_lse else (col,)),
-                                    *(() if pos is not None else (s_pos,)))
-        return stats, col, s_pos
+                                    *(() if pos is not None else (s_pos,)), top_vals, top_idx)
+        return stats, col, s_pos, top_vals, top_idx
 
     @staticmethod
-    def backward(ctx, g_stats, g_col, g_pos):
+    def backward(ctx, g_stats, g_col, g_pos, _g_top_vals, _g_top_idx):
         q, k, alpha, bias, stats, col = ctx.saved_tensors
         k = q if ctx.single_set else k
         spec = ctx.spec
@@ -97,7 +100,9 @@ def tile_stats(spec: TileSpec, q, k, alpha, bias=None, aux: TileAux = None, back
     alpha: 0-dim or [N] float tensor (the logit scale; 1 / temperature), bias: 0-dim or None,
     pos: [N] int64 local column of each row's positive (dot logits), or None.
     Returns (stats [S, N] fp32, col_lse [M] fp32, empty unless ``spec.col_lse``,
-    s_pos [N] = alpha_i <q_i, k_pos(i)> fp32, empty unless ``pos`` is given).
+    s_pos [N] = alpha_i <q_i, k_pos(i)> fp32, empty unless ``pos`` is given), and with
+    ``spec.topk`` a fourth element (vals [N, topk], global idx [N, topk]) without gradient.
     """
-    return TileStatsFunction.apply(q, None if k is q else k, alpha, bias, spec, aux or TileAux(),
-                                   backend, pos)
+    stats, col, s_pos, top_vals, top_idx = TileStatsFunction.apply(
+        q, None if k is q else k, alpha, bias, spec, aux or TileAux(), backend, pos)
+    return (stats, col, s_pos) if not spec.topk else (stats, col, s_pos, (top_vals, top_idx))

@@ -32,13 +32,15 @@ def _world(group) -> int:
 
 def _stats(spec, q, k, alpha, bias, aux, backend, group, pos=None):
     """(stats, col_lse, s_pos) of the local rows against the (global) columns; s_pos_i =
-    alpha_i <q_i, k_pos(i)> for a LOCAL positive column pos (None: empty)."""
+    alpha_i <q_i, k_pos(i)> for a LOCAL positive column pos (None: empty); with spec.topk a
+    fourth element, the rows' hardest negatives (vals, global idx)."""
     if _world(group) > 1:
         from . import distributed
 
-        stats, col = distributed.ring_tile_stats(spec, q, k, alpha, bias, aux, backend, group)
+        stats, col, *top = distributed.ring_tile_stats(spec, q, k, alpha, bias, aux, backend,
+                                                       group)
         s_pos = alpha * _dot(q, k[pos]) if pos is not None else None
-        return stats, col, s_pos
+        return (stats, col, s_pos, *top)
     return tile_stats(spec, q, k, alpha, bias, aux, backend, pos)
 
 
@@ -98,27 +100,30 @@ def _global_mean(t, group):
 
 def info_nce(query, key, alpha, positive_index, symmetric, reduction, backend, group,
              label_smoothing=0.0, key_ids=None, hard_negatives=None, query_negatives=False,
-             key_negatives=False, fn_margin=None, fn_ratio=None):
+             key_negatives=False, fn_margin=None, fn_ratio=None, topk=0):
+    """The loss rows (reduced), and with topk > 0 also (similarity [N, topk], global key
+    index [N, topk]) of each row's hardest in-batch negatives, streamed by the same forward."""
     query, key = _up(backend, group, query, key)
     n = query.shape[0]
     off = _col_offset(key.shape[0], group)
     pos = _arange(n, query) if positive_index is None else positive_index
     # positive_index indexes the rank's LOCAL keys (losses.py checks it against M_local)
     threshold = fn_margin is not None or fn_ratio is not None
-    if key_ids is None:
-        spec = TileSpec(positive="index" if threshold else "none", sums=(ALL,), col_lse=symmetric,
-                        threshold=threshold)
-        aux = TileAux(pos=pos + off if threshold else None, col_offset=off)
+    if key_ids is None:  # the positive column is named to the tiles only when they must spare it
+        by_index = threshold or topk > 0
+        spec = TileSpec(positive="index" if by_index else "none", sums=(ALL,), col_lse=symmetric,
+                        threshold=threshold, topk=topk)
+        aux = TileAux(pos=pos + off if by_index else None, col_offset=off)
     else:  # duplicates of the positive (same id) leave the denominator: an LSE over the keys
         # with another id (a label "neg" sum); the positive itself is added back below
-        spec = TileSpec(positive="label", sums=(NEG,), threshold=threshold)
+        spec = TileSpec(positive="label", sums=(NEG,), threshold=threshold, topk=topk)
         aux = TileAux(labels_q=key_ids[pos], labels_k=key_ids, col_offset=off)
     if threshold:  # false negatives: x_ij above the row's (detached) threshold leave the sums
         with torch.no_grad():
             a = alpha.detach()
             sp = a * _dot(query, key[pos])
             aux.thresh = sp + a * fn_margin if fn_margin is not None else fn_ratio * sp
-    stats, col, s_pos = _stats(spec, query, key, alpha, None, aux, backend, group, pos)
+    stats, col, s_pos, *top = _stats(spec, query, key, alpha, None, aux, backend, group, pos)
     dt = stats.dtype
     lse = stats[0] if key_ids is None else torch.logaddexp(stats[0], s_pos)
     extra = None
@@ -150,7 +155,12 @@ def info_nce(query, key, alpha, positive_index, symmetric, reduction, backend, g
             q_bar = _global_mean(query.to(dt), group)
             col_target = (1 - label_smoothing) * s_pos + label_smoothing * alpha * (key.to(dt) @ q_bar)
         rows = (rows + col - col_target) / 2
-    return _reduce(rows, reduction, _global_count(n, group), group)
+    loss = _reduce(rows, reduction, _global_count(n, group), group)
+    if not topk:
+        return loss
+    vals, idx = top[0]
+    a = alpha.detach().to(vals.dtype)
+    return loss, (vals / (a[:, None] if a.dim() else a), idx)  # logits back to similarities
 
 
 def siglip(image, text, alpha, bias, labels, text_labels, reduction, backend, group):

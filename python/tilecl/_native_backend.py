@@ -2,7 +2,9 @@
 ``_torch_tiled`` (``forward`` / ``backward`` / ``unavailable``).
 
 * CPU tensors: C++ with OpenMP (csrc/cpu), fp32 / float64 compute, fp16 / bf16 inputs converted
-  tile by tile; deterministic.
+  tile by tile; deterministic. fp32 runs AVX2 + FMA kernels when the CPU has them (chosen at run
+  time; TILECL_CPU_ISA=generic forces the portable build). Streams the top-k hardest negatives
+  (TileSpec.topk) on CPU only.
 * CUDA tensors: the CUDA kernels of csrc/cuda when ``tilecl._C`` was built with nvcc
   (``TILECL_BUILD_CUDA=1``), else the same device code compiled at run time by NVRTC through
   CuPy (``cupy.RawModule``), when CuPy is installed. fp32 compute; fp16 / bf16 use tensor cores.
@@ -22,7 +24,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from ._spec import COLUMNS, LOGITS, POSITIVES, WEIGHTS, SumSpec, TileAux, TileSpec, compute_dtype
+from ._spec import COLUMNS, LOGITS, POSITIVES, WEIGHTS, SumSpec, TileAux, TileSpec, compute_dtype, empty_topk
 
 try:
     from . import _C
@@ -86,6 +88,9 @@ class _Prepared:
         self.weight = flt(aux.weight) if spec.weight == "dense" else None
         self.wa = flt(aux.wa) if spec.weight == "lowrank" else None
         self.wb = flt(aux.wb) if spec.weight == "lowrank" else None
+        if spec.threshold and aux.thresh is None:
+            raise ValueError("TileSpec.threshold needs TileAux.thresh [N]")
+        self.thresh = flt(aux.thresh) if spec.threshold else None
         self.prob = {
             "dtype": _DTYPES[q.dtype], "n": n, "m": m, "d": self.d,
             "q": _ptr(q), "sq0": q.stride(0), "sq1": q.stride(1),
@@ -96,7 +101,7 @@ class _Prepared:
             "weight": _ptr(self.weight), "mw": self.weight.shape[1] if self.weight is not None else 0,
             "wa": _ptr(self.wa), "wb": _ptr(self.wb),
             "rank": self.wa.shape[1] if self.wa is not None else 0,
-            "col_offset": int(aux.col_offset),
+            "col_offset": int(aux.col_offset), "thresh": _ptr(self.thresh),
             "threads": torch.get_num_threads() if q.device.type == "cpu" else 0,
         }
         self.spec = _spec_dict(spec)
@@ -113,19 +118,26 @@ def _forward_impl(spec: TileSpec, q, k, alpha, bias, aux: TileAux):
     p = _Prepared(spec, q, k, alpha, bias, aux)
     stats = torch.empty(spec.n_stats, p.n, dtype=p.cdt, device=q.device)
     col = torch.empty(p.m, dtype=p.cdt, device=q.device) if spec.col_lse else None
+    top = None
+    if spec.topk:
+        if q.device.type != "cpu":
+            raise ValueError("the native CUDA kernels do not stream top-k negatives (TileSpec.topk): "
+                             "use backend='triton' or 'torch' on GPU")
+        top = empty_topk(p.n, spec.topk, q.device, p.cdt)
     if p.n == 0:  # no rows: nothing to launch
         stats.fill_(0.0)
         stats[: len(spec.sums)] = float("-inf")
         if col is not None:
             col.fill_(float("-inf"))
-        return stats, col
+        return stats, col, top
     device, stream = _device_args(q)
     if device == 1 and not _C.has_cuda():
         _rtc_launch(p, ("fwd_rows", "fwd_cols") if spec.col_lse else ("fwd_rows",),
                     {"stats": stats.data_ptr(), "col": _ptr(col)}, q.device, stream)
     else:
-        _C.forward(p.spec, p.prob, stats.data_ptr(), _ptr(col), device, stream)
-    return stats, col
+        _C.forward(p.spec, p.prob, stats.data_ptr(), _ptr(col), device, stream,
+                   *((top[0].data_ptr(), top[1].data_ptr(), spec.topk) if top else ()))
+    return stats, col, top
 
 
 def _backward_impl(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, g_stats, g_col,
@@ -170,7 +182,7 @@ def _backward_impl(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, 
 # The TileSpec travels as a JSON string, the TileAux tensors as optional arguments; absent outputs
 # are empty tensors inside the op and None outside.
 
-_AUX_FIELDS = ("excl", "pos", "labels_q", "labels_k", "weight", "wa", "wb")
+_AUX_FIELDS = ("excl", "pos", "labels_q", "labels_k", "weight", "wa", "wb", "thresh")
 
 
 def _spec_key(spec: TileSpec) -> str:
@@ -192,37 +204,44 @@ def _aux_of(aux_tensors, col_offset) -> TileAux:
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, alpha: torch.Tensor, bias: Optional[torch.Tensor],
             excl: Optional[torch.Tensor], pos: Optional[torch.Tensor], labels_q: Optional[torch.Tensor],
             labels_k: Optional[torch.Tensor], weight: Optional[torch.Tensor], wa: Optional[torch.Tensor],
-            wb: Optional[torch.Tensor], col_offset: int, spec: str) -> Tuple[torch.Tensor, torch.Tensor]:
+            wb: Optional[torch.Tensor], thresh: Optional[torch.Tensor], col_offset: int,
+            spec: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     sp = _spec_of(spec)
-    stats, col = _forward_impl(sp, q, k, alpha, bias,
-                               _aux_of((excl, pos, labels_q, labels_k, weight, wa, wb), col_offset))
-    return stats, (col if col is not None else stats.new_empty(0))
+    aux = _aux_of((excl, pos, labels_q, labels_k, weight, wa, wb, thresh), col_offset)
+    stats, col, top = _forward_impl(sp, q, k, alpha, bias, aux)
+    if top is None:
+        top = (stats.new_empty(0), torch.empty(0, dtype=torch.int64, device=stats.device))
+    return stats, (col if col is not None else stats.new_empty(0)), top[0], top[1]
 
 
 @_fwd_op.register_fake
-def _fwd_fake(q, k, alpha, bias, excl, pos, labels_q, labels_k, weight, wa, wb, col_offset, spec):
+def _fwd_fake(q, k, alpha, bias, excl, pos, labels_q, labels_k, weight, wa, wb, thresh, col_offset,
+              spec):
     sp, cdt = _spec_of(spec), compute_dtype(q)
+    top = (q.shape[0], sp.topk) if sp.topk else (0,)
     return (q.new_empty((sp.n_stats, q.shape[0]), dtype=cdt),
-            q.new_empty((k.shape[0] if sp.col_lse else 0,), dtype=cdt))
+            q.new_empty((k.shape[0] if sp.col_lse else 0,), dtype=cdt),
+            q.new_empty(top, dtype=cdt), q.new_empty(top, dtype=torch.int64))
 
 
 @torch.library.custom_op("tilecl::native_tile_bwd", mutates_args=())
 def _bwd_op(q: torch.Tensor, k: torch.Tensor, alpha: torch.Tensor, bias: Optional[torch.Tensor],
             excl: Optional[torch.Tensor], pos: Optional[torch.Tensor], labels_q: Optional[torch.Tensor],
             labels_k: Optional[torch.Tensor], weight: Optional[torch.Tensor], wa: Optional[torch.Tensor],
-            wb: Optional[torch.Tensor], col_offset: int, spec: str, stats: torch.Tensor,
-            col: Optional[torch.Tensor], g_stats: torch.Tensor, g_col: Optional[torch.Tensor],
+            wb: Optional[torch.Tensor], thresh: Optional[torch.Tensor], col_offset: int, spec: str,
+            stats: torch.Tensor, col: Optional[torch.Tensor], g_stats: torch.Tensor,
+            g_col: Optional[torch.Tensor],
             needs: List[bool]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     sp = _spec_of(spec)
     out = _backward_impl(sp, q, k, alpha, bias,
-                         _aux_of((excl, pos, labels_q, labels_k, weight, wa, wb), col_offset),
+                         _aux_of((excl, pos, labels_q, labels_k, weight, wa, wb, thresh), col_offset),
                          stats, col, g_stats, g_col, tuple(needs))
     return tuple(t if t is not None else stats.new_empty(0) for t in out)  # no aliased returns
 
 
 @_bwd_op.register_fake
-def _bwd_fake(q, k, alpha, bias, excl, pos, labels_q, labels_k, weight, wa, wb, col_offset, spec,
-              stats, col, g_stats, g_col, needs):
+def _bwd_fake(q, k, alpha, bias, excl, pos, labels_q, labels_k, weight, wa, wb, thresh, col_offset,
+              spec, stats, col, g_stats, g_col, needs):
     cdt = compute_dtype(q)
     shapes = (q.shape if needs[0] else (0,), k.shape if needs[1] else (0,),
               alpha.shape if needs[2] else (0,), () if (needs[3] and bias is not None) else (0,))
@@ -230,10 +249,13 @@ def _bwd_fake(q, k, alpha, bias, excl, pos, labels_q, labels_k, weight, wa, wb, 
 
 
 def forward(spec: TileSpec, q, k, alpha, bias, aux: TileAux):
-    """Per-row statistics [S, N] and column LSE [M] (or None); see ``_torch_tiled.forward``."""
+    """Per-row statistics [S, N] and column LSE [M] (or None), and with ``spec.topk`` the rows'
+    hardest negatives (vals [N, topk], global idx [N, topk], CPU only); see ``_torch_tiled``."""
     aux_t = [getattr(aux, f) for f in _AUX_FIELDS]
-    stats, col = _fwd_op(q, k, alpha, bias, *aux_t, int(aux.col_offset), _spec_key(spec))
-    return stats, (col if spec.col_lse else None)
+    stats, col, top_vals, top_idx = _fwd_op(q, k, alpha, bias, *aux_t, int(aux.col_offset),
+                                            _spec_key(spec))
+    col = col if spec.col_lse else None
+    return (stats, col, (top_vals, top_idx)) if spec.topk else (stats, col)
 
 
 def backward(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, g_stats, g_col,
@@ -273,7 +295,7 @@ def _kparams_type():
         _fields_ = [("excl", c.c_void_p), ("pos", c.c_void_p), ("labels_q", c.c_void_p),
                     ("labels_k", c.c_void_p), ("weight", c.c_void_p), ("mw", c.c_int64),
                     ("wa", c.c_void_p), ("wb", c.c_void_p), ("rank", c.c_int64),
-                    ("col_offset", c.c_int64)]
+                    ("col_offset", c.c_int64), ("thresh", c.c_void_p)]
 
     ptrs = ["stats", "col", "stats_in", "col_in", "g_stats", "g_col", "dq", "dk", "gx", "gsum"]
 
@@ -319,7 +341,7 @@ def _rtc_launch(p: "_Prepared", modes, outs: dict, device, stream):
     pr = p.prob
     for key in ("n", "m", "d", "q", "sq0", "sq1", "k", "sk0", "sk1", "alpha", "bias"):
         setattr(kp, key, pr[key] or None if key in ("q", "k", "alpha", "bias") else pr[key])
-    for key in ("excl", "pos", "labels_q", "labels_k", "weight", "wa", "wb"):
+    for key in ("excl", "pos", "labels_q", "labels_k", "weight", "wa", "wb", "thresh"):
         setattr(kp.aux, key, pr[key] or None)
     kp.aux.mw, kp.aux.rank, kp.aux.col_offset = pr["mw"], pr["rank"], pr["col_offset"]
     for key, v in outs.items():

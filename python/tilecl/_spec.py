@@ -17,10 +17,14 @@ column block k [M, D] with
   ``cnt_i = |P(i)|`` (math.md 4.1);
 * optionally SigLIP's elementwise row sum ``sig_i = sum_j softplus(-(2 Y_ij - 1) x_ij)``
   (math.md 2.2);
-* optionally the column log-sum-exp ``lse^c_j = log sum_i exp(x_ij)`` of symmetric CLIP (2.1).
+* optionally the column log-sum-exp ``lse^c_j = log sum_i exp(x_ij)`` of symmetric CLIP (2.1);
+* optionally the row's ``topk`` largest logits over its allowed non-positive columns and their
+  global column indices (hard-negative mining from the forward pass; no gradient).
 
 The forward returns these per-row statistics only (``[S, N]`` float32, rows in the order of
-:meth:`TileSpec.layout`) and the column LSE (``[M]``); nothing N x M is ever stored. Everything
+:meth:`TileSpec.layout`) and the column LSE (``[M]``), and with ``topk`` a third element
+``(vals [N, topk], idx [N, topk])``: logits descending, global column indices, padded with
+-inf / -1. Nothing N x M is ever stored. Everything
 else (positive logits, clamps, reductions) is O(N) PyTorch code in ``_family.py`` that autograd
 differentiates; the backward of the template receives ``g = dL/d(stats)`` and forms, tile by tile,
 
@@ -41,6 +45,7 @@ LOGITS = ("dot", "dist")
 COLUMNS = ("all", "pos", "neg")
 POSITIVES = ("none", "index", "label")
 WEIGHTS = ("none", "dense", "lowrank")
+MAX_TOPK = 32  # the kernels keep the running top-k list of a row in registers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +75,8 @@ class TileSpec:
     weight: str = "none"  # where w_ij comes from
     weight_clip: float = 0.0  # w_ij < weight_clip counts as 0 (CCL-K clips below 1e-6)
     threshold: bool = False  # non-positive columns with x_ij > thresh_i leave every sum (false
-    #                          negatives, NV-Retriever / Qwen3-Embedding); torch backend only
+    #                          negatives, NV-Retriever / Qwen3-Embedding)
+    topk: int = 0  # stream the row's topk largest logits over allowed non-positive columns
 
     def __post_init__(self):
         if self.logit not in LOGITS:
@@ -88,6 +94,8 @@ class TileSpec:
             raise ValueError("TileSpec.threshold spares the positive: it needs TileSpec.positive")
         if any(s.weighted for s in self.sums) and self.weight == "none":
             raise ValueError("a weighted sum needs TileSpec.weight")
+        if not 0 <= self.topk <= MAX_TOPK:
+            raise ValueError(f"TileSpec.topk must be in [0, {MAX_TOPK}], got {self.topk}")
 
     # row layout of the statistics tensor: lse^1..lse^K, [lin, cnt], [sig]
     @property
@@ -154,3 +162,18 @@ def empty_stats(spec: TileSpec, n: int, device, dtype=torch.float32) -> torch.Te
     out = torch.zeros(spec.n_stats, n, dtype=dtype, device=device)
     out[: len(spec.sums)] = float("-inf")
     return out
+
+
+def empty_topk(n: int, topk: int, device, dtype=torch.float32) -> tuple:
+    """The top-k list of rows against no column: logits -inf, indices -1."""
+    return (torch.full((n, topk), float("-inf"), dtype=dtype, device=device),
+            torch.full((n, topk), -1, dtype=torch.int64, device=device))
+
+
+def merge_topk(a: tuple, b: tuple) -> tuple:
+    """Merge two (vals [N, k], idx [N, k]) top-k lists of the same rows (disjoint columns)."""
+    k = a[0].shape[1]
+    vals = torch.cat([a[0], b[0].to(a[0].dtype)], 1)
+    idx = torch.cat([a[1], b[1]], 1)
+    top, where = vals.topk(k, dim=1)
+    return top, idx.gather(1, where).masked_fill(torch.isneginf(top), -1)

@@ -13,7 +13,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from ._spec import TileAux, TileSpec, compute_dtype, empty_stats
+from ._spec import TileAux, TileSpec, compute_dtype, empty_stats, empty_topk, merge_topk
 
 
 def _default_tile():
@@ -133,7 +133,8 @@ def _col_tiles(m):
 
 
 def forward(spec: TileSpec, q, k, alpha, bias, aux: TileAux):
-    """Per-row statistics [S, N] (fp32) and column LSE [M] (or None) of q against k."""
+    """Per-row statistics [S, N] (fp32) and column LSE [M] (or None) of q against k; with
+    ``spec.topk`` also the rows' hardest negatives (vals [N, topk], global idx [N, topk])."""
     n, m = q.shape[0], k.shape[0]
     dev = q.device
     cdt = compute_dtype(q)
@@ -141,29 +142,54 @@ def forward(spec: TileSpec, q, k, alpha, bias, aux: TileAux):
     col = torch.full((m,), float("-inf"), device=dev, dtype=cdt) if spec.col_lse else None
     a = alpha.to(cdt).expand(n) if alpha.dim() == 0 else alpha.to(cdt)
     nq, nk = _norms(spec, q.to(cdt)), _norms(spec, k.to(cdt))
+    top = empty_topk(n, spec.topk, dev, cdt) if spec.topk else None
     for i0, i1 in _row_tiles(n):
         _, qaI = _rows(spec, q, i0, i1, a, cdt)
         for j0, j1 in _col_tiles(m):
             x, _ = _logits(spec, qaI, k[j0:j1].to(cdt), a[i0:i1], bias,
                            nq[i0:i1] if nq is not None else None,
                            nk[j0:j1] if nk is not None else None)
-            allowed, y = _masks(spec, aux, i0, i1, j0, j1, dev, x)
-            w = _weights(spec, aux, i0, i1, j0, j1, cdt)
-            shared = None  # exp(x - m_i) of an unmasked-by-weight beta = 1 sum, reused by col
-            for r, s in enumerate(spec.sums):
-                z = _sum_logits(s, x, _sum_mask(s, allowed, y), w)
-                lse, e, rmax = _row_lse(z)
-                stats[r, i0:i1] = torch.logaddexp(stats[r, i0:i1], lse)
-                if r == 0 and s.cols == "all" and s.beta == 1.0 and not s.weighted:
-                    shared = (e, rmax)
-            if spec.lin:
-                stats[spec.i_lin, i0:i1] += torch.where(y, x, torch.zeros_like(x)).sum(1)
-                stats[spec.i_cnt, i0:i1] += y.sum(1)
-            if spec.sigmoid:
-                stats[spec.i_sig, i0:i1] += _softplus_terms(x, allowed, y).sum(1)
-            if col is not None:
-                col[j0:j1] = torch.logaddexp(col[j0:j1], _col_lse(x, allowed, shared))
-    return stats, col
+            tile_forward(spec, aux, x, (i0, i1, j0, j1), stats, col, top)
+    return (stats, col) if top is None else (stats, col, top)
+
+
+def tile_forward(spec: TileSpec, aux: TileAux, x, box, stats, col, top=None):
+    """Fold one tile of logits x [BR, BC] (rows i0:i1, columns j0:j1 of the block) into the
+    running statistics [S, N], column LSE [M] (or None) and top-k list (or None), in place."""
+    i0, i1, j0, j1 = box
+    allowed, y = _masks(spec, aux, i0, i1, j0, j1, x.device, x)
+    w = _weights(spec, aux, i0, i1, j0, j1, x.dtype)
+    shared = None  # exp(x - m_i) of an unmasked-by-weight beta = 1 sum, reused by col
+    for r, s in enumerate(spec.sums):
+        z = _sum_logits(s, x, _sum_mask(s, allowed, y), w)
+        lse, e, rmax = _row_lse(z)
+        stats[r, i0:i1] = torch.logaddexp(stats[r, i0:i1], lse)
+        if r == 0 and s.cols == "all" and s.beta == 1.0 and not s.weighted:
+            shared = (e, rmax)
+    if spec.lin:
+        stats[spec.i_lin, i0:i1] += torch.where(y, x, torch.zeros_like(x)).sum(1)
+        stats[spec.i_cnt, i0:i1] += y.sum(1)
+    if spec.sigmoid:
+        stats[spec.i_sig, i0:i1] += _softplus_terms(x, allowed, y).sum(1)
+    if col is not None:
+        col[j0:j1] = torch.logaddexp(col[j0:j1], _col_lse(x, allowed, shared))
+    if top is not None:
+        t = merge_topk((top[0][i0:i1], top[1][i0:i1]),
+                       _tile_topk(spec.topk, x, allowed, y, j0 + aux.col_offset))
+        top[0][i0:i1], top[1][i0:i1] = t
+
+
+def _tile_topk(kk, x, allowed, y, first_col):
+    """The tile's kk largest logits over allowed non-positive columns, global indices."""
+    neg = allowed if y is None else (~y if allowed is None else allowed & ~y)
+    xc = x if neg is None else x.masked_fill(~neg, float("-inf"))
+    kt = min(kk, x.shape[1])
+    vals, where = xc.topk(kt, dim=1)
+    idx = (where + first_col).masked_fill(torch.isneginf(vals), -1)
+    if kt < kk:  # a tile narrower than k: pad
+        pad = empty_topk(x.shape[0], kk - kt, x.device, x.dtype)
+        vals, idx = torch.cat([vals, pad[0]], 1), torch.cat([idx, pad[1]], 1)
+    return vals, idx
 
 
 def _row_lse(z):
@@ -201,6 +227,16 @@ def _safe_lse(lse, g):
     """Rows whose accumulator is empty (lse = -inf) have no gradient: zero g, finite lse."""
     empty = torch.isneginf(lse)
     return torch.where(empty, torch.zeros_like(lse), lse), torch.where(empty, torch.zeros_like(g), g)
+
+
+def tile_grad(spec: TileSpec, aux: TileAux, x, box, stats_I, g_I, colg):
+    """G [BR, BC] = dL/dx_ij for one tile of logits x (rows i0:i1, columns j0:j1), from the
+    row block's (lse, g) pairs, its dL/dstats g_I and the whole column (lse, g) or None."""
+    i0, i1, j0, j1 = box
+    allowed, y = _masks(spec, aux, i0, i1, j0, j1, x.device, x)
+    w = _weights(spec, aux, i0, i1, j0, j1, x.dtype)
+    colstat_J = (colg[0][j0:j1], colg[1][j0:j1]) if colg is not None else None
+    return _tile_grad(spec, x, allowed, y, w, stats_I, g_I, colstat_J)
 
 
 def _tile_grad(spec, x, allowed, y, w, stats_I, g_I, colstat_J):
@@ -257,10 +293,7 @@ def backward(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, g_stat
             x, inner = _logits(spec, qaI, kJ, aI, bias,
                                nq[i0:i1] if nq is not None else None,
                                nk[j0:j1] if nk is not None else None)
-            allowed, y = _masks(spec, aux, i0, i1, j0, j1, dev, x)
-            w = _weights(spec, aux, i0, i1, j0, j1, cdt)
-            colstat_J = (colg[0][j0:j1], colg[1][j0:j1]) if colg is not None else None
-            G = _tile_grad(spec, x, allowed, y, w, stats_I, g_I, colstat_J)
+            G = tile_grad(spec, aux, x, (i0, i1, j0, j1), stats_I, g_I, colg)
             if spec.sigmoid and bias is not None:
                 db += G.sum()
             if spec.logit == "dot":

@@ -6,9 +6,12 @@ per-row statistics [S, N] fp32 and the column LSE [M] (or None), ``backward`` re
 
 Passes (math.md 1.3, 2.1):
 
-* forward: one row-parallel launch (row statistics); symmetric CLIP adds one column-parallel
-  launch of the same kernel (``TRANS``) for the column LSE: 2x the forward matmul, O(N + M)
-  memory, no atomics on (max, sum) pairs, no [N / BM, M] partial buffer.
+* forward: one row-parallel launch (row statistics, and with ``spec.topk`` each row's hardest
+  negatives: a running list in registers, ``tritonops.lse._topk_merge``); symmetric CLIP adds
+  one column-parallel launch of the same kernel (``TRANS``) for the column LSE: 2x the forward
+  matmul, O(N + M) memory, no atomics on (max, sum) pairs, no [N / BM, M] partial buffer.
+* the false-negative threshold (``spec.threshold``, ``aux.thresh``) is a mask recomputed from the
+  same logits in every pass, so the forward row and column passes and both backward passes agree.
 * backward: a row-parallel launch writes dq (and the per-row sums for the scale and bias
   gradients), a column-parallel launch writes dk; each program owns its output rows and one
   chunk of D, accumulates in fp32 registers and stores once: deterministic, no atomics, no
@@ -35,7 +38,17 @@ from typing import List, Optional, Tuple
 import torch
 
 from . import _torch_tiled
-from ._spec import COLUMNS, POSITIVES, WEIGHTS, SumSpec, TileAux, TileSpec, compute_dtype, empty_stats
+from ._spec import (
+    COLUMNS,
+    POSITIVES,
+    WEIGHTS,
+    SumSpec,
+    TileAux,
+    TileSpec,
+    compute_dtype,
+    empty_stats,
+    empty_topk,
+)
 
 try:
     import triton
@@ -72,6 +85,7 @@ def _flags(spec: TileSpec, aux: TileAux, bias):
     return dict(
         DIST=dist, GAMMA=float(spec.gamma) if dist else 2.0,
         HAS_BIAS=(bias is not None) and not dist, HAS_EXCL=aux.excl is not None,
+        HAS_THRESH=bool(spec.threshold),
         POSITIVE=POSITIVES.index(spec.positive), WEIGHT=WEIGHTS.index(spec.weight),
         CLIP=float(spec.weight_clip),
         N_SUMS=len(spec.sums),
@@ -96,10 +110,16 @@ def _inputs(spec: TileSpec, q, k, alpha, bias, aux: TileAux):
 
     excl, pos, labq = idx(aux.excl), idx(aux.pos), idx(aux.labels_q)
     labk = idx(aux.labels_k)
+    if spec.threshold:
+        if aux.thresh is None:
+            raise ValueError("TileSpec.threshold needs TileAux.thresh [N]")
+        thr = aux.thresh.detach().to(device=dev, dtype=torch.float32).contiguous()
+    else:
+        thr = _dummy(dev, torch.float32)
     w = aux.weight if spec.weight == "dense" else _dummy(dev, torch.float32).view(1, 1)
     wa = aux.wa if spec.weight == "lowrank" else _dummy(dev, torch.float32).view(1, 1)
     wb = aux.wb if spec.weight == "lowrank" else _dummy(dev, torch.float32).view(1, 1)
-    ptrs = (q, k, a, b, excl, pos, labq, labk, w, wa, wb)
+    ptrs = (q, k, a, b, excl, pos, labq, labk, thr, w, wa, wb)
     sizes = (q.shape[0], k.shape[0], q.shape[1], w.shape[1], wa.shape[1], int(aux.col_offset))
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), s_a,
                w.stride(0), w.stride(1), wa.stride(0), wa.stride(1), wb.stride(0), wb.stride(1))
@@ -122,7 +142,8 @@ def _check(q, k):
 
 
 def _forward_impl(spec: TileSpec, q, k, alpha, bias, aux: TileAux):
-    """Per-row statistics [S, N] (fp32) and column LSE [M] (or None) of q against k."""
+    """Per-row statistics [S, N] (fp32) and column LSE [M] (or None) of q against k; with
+    ``spec.topk`` also (vals [N, topk] fp32, global idx [N, topk] int64)."""
     if q.dtype == torch.float64:
         return _torch_tiled.forward(spec, q, k, alpha, bias, aux)
     _check(q, k)
@@ -130,18 +151,26 @@ def _forward_impl(spec: TileSpec, q, k, alpha, bias, aux: TileAux):
     dev = q.device
     stats = empty_stats(spec, n, dev, torch.float32)
     col = torch.full((m,), float("-inf"), device=dev, dtype=torch.float32) if spec.col_lse else None
+    top = empty_topk(n, spec.topk, dev) if spec.topk else None
+    done = (stats, col) if top is None else (stats, col, top)
     if n == 0 or m == 0:
-        return stats, col
+        return done
     ptrs, sizes, strides = _inputs(spec, q, k, alpha, bias, aux)
     flags = _flags(spec, aux, bias)
+    flags.update(TOPK=int(spec.topk), TOPK_P2=triton.next_power_of_2(max(int(spec.topk), 1)))
     out_col = col if col is not None else _dummy(dev, torch.float32)
-    if spec.n_stats > 0:
+    # the kernel writes every kept entry; NaN-poisoned under the interpreter (a miss fails loudly)
+    tv = _output((n, spec.topk), dev, True) if top is not None else _dummy(dev, torch.float32)
+    ti = torch.full((n, spec.topk), -2 if _configs.interpreting() else 0, device=dev,
+                    dtype=torch.int64) if top is not None else _dummy(dev, torch.int64)
+    outs = (stats, out_col, tv, ti)
+    if spec.n_stats > 0 or top is not None:
         _lse._lse_fwd_kernel[lambda meta: (triton.cdiv(n, meta["BM"]),)](
-            *ptrs, stats, out_col, *sizes, *strides, stats.stride(0), TRANS=False, **flags)
+            *ptrs, *outs, *sizes, *strides, stats.stride(0), TRANS=False, **flags)
     if spec.col_lse:
         _lse._lse_fwd_kernel[lambda meta: (triton.cdiv(m, meta["BN"]),)](
-            *ptrs, stats, out_col, *sizes, *strides, stats.stride(0), TRANS=True, **flags)
-    return stats, col
+            *ptrs, *outs, *sizes, *strides, stats.stride(0), TRANS=True, **flags)
+    return done if top is None else (stats, col, (tv, ti))
 
 
 def _backward_impl(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, g_stats,
@@ -212,27 +241,27 @@ def spec_to_str(spec: TileSpec) -> str:
     sums = ",".join(f"{x.cols}:{float(x.beta)!r}:{int(bool(x.weighted))}" for x in spec.sums)
     return (f"{spec.logit};{float(spec.gamma)!r};{spec.positive};{int(bool(spec.lin))};"
             f"{int(bool(spec.sigmoid))};{int(bool(spec.col_lse))};{spec.weight};"
-            f"{float(spec.weight_clip)!r};{sums}")
+            f"{float(spec.weight_clip)!r};{int(bool(spec.threshold))};{int(spec.topk)};{sums}")
 
 
 @lru_cache(maxsize=256)
 def spec_from_str(text: str) -> TileSpec:
-    logit, gamma, positive, lin, sig, col, weight, clip, sums = text.split(";")
+    logit, gamma, positive, lin, sig, col, weight, clip, thresh, topk, sums = text.split(";")
     parsed = tuple(SumSpec(c, float(b), w == "1")
                    for c, b, w in (x.split(":") for x in sums.split(",") if x))
     return TileSpec(logit=logit, gamma=float(gamma), positive=positive, sums=parsed,
                     lin=lin == "1", sigmoid=sig == "1", col_lse=col == "1", weight=weight,
-                    weight_clip=float(clip))
+                    weight_clip=float(clip), threshold=thresh == "1", topk=int(topk))
 
 
 def _aux_args(aux: TileAux):
     return (aux.excl, aux.pos, aux.labels_q, aux.labels_k, aux.weight, aux.wa, aux.wb,
-            int(aux.col_offset))
+            aux.thresh, int(aux.col_offset))
 
 
-def _aux_from(excl, pos, labels_q, labels_k, weight, wa, wb, col_offset) -> TileAux:
+def _aux_from(excl, pos, labels_q, labels_k, weight, wa, wb, thresh, col_offset) -> TileAux:
     return TileAux(excl=excl, pos=pos, labels_q=labels_q, labels_k=labels_k, weight=weight,
-                   wa=wa, wb=wb, col_offset=col_offset)
+                   wa=wa, wb=wb, thresh=thresh, col_offset=col_offset)
 
 
 _HAS_CUSTOM_OP = hasattr(torch.library, "custom_op")
@@ -243,27 +272,32 @@ if _HAS_CUSTOM_OP:
 
     @torch.library.custom_op("tilecl::triton_tile_fwd", mutates_args=())
     def _fwd_op(q: _T, k: _T, alpha: _T, bias: _OT, excl: _OT, pos: _OT, labels_q: _OT,
-                labels_k: _OT, weight: _OT, wa: _OT, wb: _OT, col_offset: int,
-                spec: str) -> Tuple[_T, _T]:
+                labels_k: _OT, weight: _OT, wa: _OT, wb: _OT, thresh: _OT, col_offset: int,
+                spec: str) -> Tuple[_T, _T, _T, _T]:
+        """(stats [S, N], col [M] or [0], top vals [N, topk], top idx [N, topk] int64)."""
         sp = spec_from_str(spec)
-        aux = _aux_from(excl, pos, labels_q, labels_k, weight, wa, wb, col_offset)
-        stats, col = _forward_impl(sp, q, k, alpha, bias, aux)
-        return stats, col if col is not None else stats.new_zeros(0)
+        aux = _aux_from(excl, pos, labels_q, labels_k, weight, wa, wb, thresh, col_offset)
+        stats, col, *top = _forward_impl(sp, q, k, alpha, bias, aux)
+        vals, idx = top[0] if top else empty_topk(q.shape[0], 0, q.device, stats.dtype)
+        return stats, col if col is not None else stats.new_zeros(0), vals, idx
 
     @_fwd_op.register_fake
-    def _(q, k, alpha, bias, excl, pos, labels_q, labels_k, weight, wa, wb, col_offset, spec):
+    def _(q, k, alpha, bias, excl, pos, labels_q, labels_k, weight, wa, wb, thresh, col_offset,
+          spec):
         sp = spec_from_str(spec)
         dt = compute_dtype(q)
-        return (q.new_empty((sp.n_stats, q.shape[0]), dtype=dt),
-                q.new_empty((k.shape[0] if sp.col_lse else 0,), dtype=dt))
+        n = q.shape[0]
+        return (q.new_empty((sp.n_stats, n), dtype=dt),
+                q.new_empty((k.shape[0] if sp.col_lse else 0,), dtype=dt),
+                q.new_empty((n, sp.topk), dtype=dt), q.new_empty((n, sp.topk), dtype=torch.int64))
 
     @torch.library.custom_op("tilecl::triton_tile_bwd", mutates_args=())
     def _bwd_op(q: _T, k: _T, alpha: _T, bias: _OT, excl: _OT, pos: _OT, labels_q: _OT,
-                labels_k: _OT, weight: _OT, wa: _OT, wb: _OT, col_offset: int, stats: _T,
-                col: _T, g_stats: _T, g_col: _T, spec: str,
+                labels_k: _OT, weight: _OT, wa: _OT, wb: _OT, thresh: _OT, col_offset: int,
+                stats: _T, col: _T, g_stats: _T, g_col: _T, spec: str,
                 needs: List[bool]) -> Tuple[_T, _T, _T, _T]:
         sp = spec_from_str(spec)
-        aux = _aux_from(excl, pos, labels_q, labels_k, weight, wa, wb, col_offset)
+        aux = _aux_from(excl, pos, labels_q, labels_k, weight, wa, wb, thresh, col_offset)
         has_col = sp.col_lse
         dq, dk, da, db = _backward_impl(sp, q, k, alpha, bias, aux, stats,
                                         col if has_col else None, g_stats,
@@ -273,22 +307,25 @@ if _HAS_CUSTOM_OP:
         return dq, dk, da, db
 
     @_bwd_op.register_fake
-    def _(q, k, alpha, bias, excl, pos, labels_q, labels_k, weight, wa, wb, col_offset, stats,
-          col, g_stats, g_col, spec, needs):
+    def _(q, k, alpha, bias, excl, pos, labels_q, labels_k, weight, wa, wb, thresh, col_offset,
+          stats, col, g_stats, g_col, spec, needs):
         dt = compute_dtype(q)
         return (q.new_empty(q.shape, dtype=dt), k.new_empty(k.shape, dtype=dt),
                 alpha.new_empty(alpha.shape, dtype=dt), q.new_empty((), dtype=dt))
 
 
 def forward(spec: TileSpec, q, k, alpha, bias, aux: TileAux):
-    """Per-row statistics [S, N] (fp32) and column LSE [M] (or None) of q against k.
+    """Per-row statistics [S, N] (fp32) and column LSE [M] (or None) of q against k, and with
+    ``spec.topk`` a third element (vals [N, topk] fp32 descending, global idx [N, topk] int64,
+    padded with -inf / -1): each row's largest logits over its allowed non-positive columns.
 
     q: [N, D], k: [M, D] (fp32/fp16/bf16, any strides), alpha: 0-dim or [N], bias: 0-dim or None.
     """
     if not _HAS_CUSTOM_OP:
         return _forward_impl(spec, q, k, alpha, bias, aux)
-    stats, col = _fwd_op(q, k, alpha, bias, *_aux_args(aux), spec_to_str(spec))
-    return stats, (col if spec.col_lse else None)
+    stats, col, vals, idx = _fwd_op(q, k, alpha, bias, *_aux_args(aux), spec_to_str(spec))
+    col = col if spec.col_lse else None
+    return (stats, col) if not spec.topk else (stats, col, (vals, idx))
 
 
 def backward(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, g_stats, g_col,

@@ -108,7 +108,7 @@ import torch
 import torch.distributed as dist
 
 from . import _backends
-from ._spec import TileAux, TileSpec, compute_dtype, empty_stats, merge_stats
+from ._spec import TileAux, TileSpec, compute_dtype, empty_stats, empty_topk, merge_stats, merge_topk
 
 _TAG_DATA, _TAG_ACC = 0, 16  # gloo matches point-to-point messages by (peer, tag)
 _DTYPES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4, torch.int64: 5}
@@ -259,6 +259,7 @@ class _RingTileStats(torch.autograd.Function):
         impl = _backends.get(backend)
         cdt, dev, n, world = compute_dtype(q), q.device, q.shape[0], ring.world
         stats = empty_stats(spec, n, dev, cdt)
+        top = empty_topk(n, spec.topk, dev, cdt)  # [N, 0] unless spec.topk
         cur = _pack(k, aux.labels_k, aux.wb)
         col_in, col_work = None, []
         for s in range(world):
@@ -270,9 +271,13 @@ class _RingTileStats(torch.autograd.Function):
             kb, labels, wb, _, _ = _unpack(cur, aux, False)
             part_col = None
             if n and kb.shape[0]:
-                part, part_col = impl.forward(spec, q, kb, alpha, bias,
-                                              aux.with_columns(labels, wb, offsets[b]))
+                part, part_col, *ptop = impl.forward(spec, q, kb, alpha, bias,
+                                                     aux.with_columns(labels, wb, offsets[b]))
                 stats = merge_stats(spec, stats, part.to(cdt))
+                if spec.topk:
+                    if not ptop:
+                        raise ValueError(f"backend {backend!r} does not stream top-k negatives")
+                    top = merge_topk(top, ptop[0])
             if spec.col_lse:  # the block's partial column LSE follows it, one hop behind
                 c = (part_col.to(cdt) if part_col is not None
                      else torch.full((kb.shape[0],), float("-inf"), dtype=cdt, device=dev))
@@ -297,10 +302,11 @@ class _RingTileStats(torch.autograd.Function):
         if any(ctx.needs_input_grad[:4]):
             ctx.save_for_backward(q, k, alpha, bias if bias is not None else alpha.new_zeros(()),
                                   stats, col)
-        return stats, col
+        ctx.mark_non_differentiable(*top)
+        return stats, col, top[0], top[1]
 
     @staticmethod
-    def backward(ctx, g_stats, g_col):
+    def backward(ctx, g_stats, g_col, _g_top_vals, _g_top_idx):
         q, k, alpha, bias, stats, col = ctx.saved_tensors
         spec, aux, ring, sizes, offsets = ctx.spec, ctx.aux, ctx.ring, ctx.sizes, ctx.offsets
         bias = bias if ctx.has_bias else None
@@ -365,13 +371,16 @@ def ring_tile_stats(spec: TileSpec, q, k, alpha, bias=None, aux: TileAux = None,
     wb for the local columns, which travel with them; ``aux.col_offset`` must be
     ``column_offset(M_r, group)``. alpha: 0-dim or [N_r]; bias: 0-dim or None.
     Returns (stats [S, N_r] fp32, col_lse [M_r] of the local columns over all global rows when
-    ``spec.col_lse``, else an empty tensor). Differentiable in q, k, alpha and bias; every
-    rank must call it (and its backward) with matching arguments.
+    ``spec.col_lse``, else an empty tensor) and, with ``spec.topk``, the rows' hardest negatives
+    over all ranks' columns (vals, global idx; see ``_spec.py``). Differentiable in q, k, alpha
+    and bias; every rank must call it (and its backward) with matching arguments.
     """
     aux = aux or TileAux()
     ring = Ring(group)
     sizes, offsets = _handshake(ring, spec, q, k, alpha, bias, aux)
-    return _RingTileStats.apply(q, k, alpha, bias, spec, aux, backend, ring, sizes, offsets)
+    stats, col, top_vals, top_idx = _RingTileStats.apply(q, k, alpha, bias, spec, aux, backend,
+                                                         ring, sizes, offsets)
+    return (stats, col) if not spec.topk else (stats, col, (top_vals, top_idx))
 
 
 # ---- O(N) global epilogues ---------------------------------------------------------------------

@@ -13,8 +13,20 @@ torch.distributed process group for the ring exchange (None: single process).
 
 from __future__ import annotations
 
-from . import _backends, _family, reference
+from typing import NamedTuple
+
+import torch
+
+from . import _backends, _family, _matryoshka, reference
 from . import _checks as C
+from ._spec import MAX_TOPK
+
+
+class HardNegatives(NamedTuple):
+    """Each row's hardest in-batch negatives (``info_nce(..., topk_negatives=k)``)."""
+
+    similarity: torch.Tensor  # [N, k] <q_i, k_j> (logit / scale), descending; -inf padding
+    index: torch.Tensor  # [N, k] int64 key index (global under a group); -1 padding
 
 
 def _route(backend, device, group):
@@ -37,7 +49,8 @@ def _pair(a, a_name, b, b_name, *, same_rows, group=None):
 def info_nce(query, key, *, temperature=None, logit_scale=None, positive_index=None,
              symmetric=False, label_smoothing=0.0, key_ids=None, hard_negatives=None,
              query_negatives=False, key_negatives=False, false_negative_margin=None,
-             false_negative_ratio=None, reduction="mean", backend="auto", group=None):
+             false_negative_ratio=None, topk_negatives=0, reduction="mean", backend="auto",
+             group=None):
     """InfoNCE with one positive per row (math.md 2.1).
 
     query: [N, D], key: [M, D] with M >= N; row i's positive is key[positive_index[i]]
@@ -53,11 +66,18 @@ def info_nce(query, key, *, temperature=None, logit_scale=None, positive_index=N
     ``false_negative_margin`` m (Qwen3-Embedding: 0.1; NV-Retriever's margin variant: -margin) or
     ``false_negative_ratio`` r (NV-Retriever: 0.95): a key whose similarity exceeds the row's
     positive similarity + m (or r times it) is a likely false negative and leaves the
-    denominator (thresholds carry no gradient; torch backend).
+    denominator (thresholds carry no gradient).
+    ``topk_negatives`` k (<= 32): also return each row's k hardest in-batch negatives, streamed
+    by the same forward pass (hard-negative mining at no extra pass): the result is
+    ``(loss, HardNegatives(similarity [N, k], index [N, k]))``, similarities <q_i, k_j>
+    descending over the shared keys that are negatives (not the positive, not a duplicate id,
+    not a masked false negative), index into ``key`` (under ``group``: into the concatenation of
+    every rank's keys), padded with -inf / -1 when a row has fewer than k negatives. No gradient.
 
     Example::
 
         loss = tilecl.info_nce(q, k, temperature=0.07)            # q, k: [N, D]
+        loss, hard = tilecl.info_nce(q, k, temperature=0.07, topk_negatives=4)
     """
     _pair(query, "query", key, "key", same_rows=False, group=group)
     n, m = query.shape[0], key.shape[0]
@@ -98,23 +118,85 @@ def info_nce(query, key, *, temperature=None, logit_scale=None, positive_index=N
             raise ValueError(f"symmetric=True needs key with as many rows as query ({n}), got {m}")
         if positive_index is not None:
             raise ValueError("symmetric=True uses the diagonal positives: positive_index must be None")
+    if isinstance(topk_negatives, bool) or not isinstance(topk_negatives, int):
+        raise TypeError(f"topk_negatives must be an int, got {type(topk_negatives).__name__}")
+    if not 0 <= topk_negatives <= MAX_TOPK:
+        raise ValueError(f"topk_negatives must be in [0, {MAX_TOPK}], got {topk_negatives}")
     C.reduction(reduction)
     name = _route(backend, query.device, group)
-    fn = false_negative_margin is not None or false_negative_ratio is not None
-    if fn and name not in ("reference", "torch"):
-        raise ValueError(f"false-negative masking runs on the torch and reference backends, not "
-                         f"{name!r}")
     if name == "reference":
-        return reference.info_nce(query, key, logit_scale=alpha, positive_index=positive_index,
-                                  symmetric=symmetric, label_smoothing=float(label_smoothing),
-                                  key_ids=key_ids, hard_negatives=hard_negatives,
-                                  query_negatives=bool(query_negatives),
-                                  key_negatives=bool(key_negatives),
-                                  false_negative_margin=false_negative_margin,
-                                  false_negative_ratio=false_negative_ratio, reduction=reduction)
-    return _family.info_nce(query, key, alpha, positive_index, symmetric, reduction, name, group,
-                            float(label_smoothing), key_ids, hard_negatives, bool(query_negatives),
-                            bool(key_negatives), false_negative_margin, false_negative_ratio)
+        out = reference.info_nce(query, key, logit_scale=alpha, positive_index=positive_index,
+                                 symmetric=symmetric, label_smoothing=float(label_smoothing),
+                                 key_ids=key_ids, hard_negatives=hard_negatives,
+                                 query_negatives=bool(query_negatives),
+                                 key_negatives=bool(key_negatives),
+                                 false_negative_margin=false_negative_margin,
+                                 false_negative_ratio=false_negative_ratio, reduction=reduction,
+                                 topk_negatives=topk_negatives)
+    else:
+        out = _family.info_nce(query, key, alpha, positive_index, symmetric, reduction, name, group,
+                               float(label_smoothing), key_ids, hard_negatives,
+                               bool(query_negatives), bool(key_negatives), false_negative_margin,
+                               false_negative_ratio, topk_negatives)
+    return out if not topk_negatives else (out[0], HardNegatives(*out[1]))
+
+
+def matryoshka_info_nce(query, key, dims, *, weights=None, temperature=None, logit_scale=None,
+                        positive_index=None, symmetric=False, reduction="mean", backend="auto",
+                        group=None):
+    """Matryoshka InfoNCE (Kusupati et al. 2022; sentence-transformers' ``MatryoshkaLoss``
+    around ``MultipleNegativesRankingLoss``): ``sum_p weights[p] * info_nce(normalize(q[:, :d_p]),
+    normalize(k[:, :d_p]))`` over the prefix dimensions ``dims`` (each prefix re-normalized:
+    cosine similarities). On the torch backend in one process the prefixes share ONE sweep of
+    tiles (segment dots and their running sums, ``_matryoshka.py``): the matmul work of the
+    largest prefix instead of the sum of all of them; other backends and ``group`` run one
+    tiled InfoNCE per prefix. ``weights`` default to 1 each; ``temperature`` / ``logit_scale``
+    is a scalar shared by all prefixes. Reduction applies per prefix before the weighted sum.
+
+    Example::
+
+        loss = tilecl.matryoshka_info_nce(q, k, dims=(768, 512, 256, 128, 64), temperature=0.05)
+    """
+    _pair(query, "query", key, "key", same_rows=False, group=group)
+    n, m, d = query.shape[0], key.shape[0], query.shape[1]
+    alpha = C.scale(temperature, logit_scale, query)
+    if isinstance(dims, int) or not hasattr(dims, "__iter__"):
+        raise TypeError(f"dims must be a sequence of ints, got {type(dims).__name__}")
+    dims = list(dims)
+    if not dims or any(isinstance(x, bool) or not isinstance(x, int) for x in dims):
+        raise TypeError(f"dims must be a non-empty sequence of ints, got {dims!r}")
+    if any(not 1 <= x <= d for x in dims) or len(set(dims)) != len(dims):
+        raise ValueError(f"dims must be distinct ints in [1, D={d}], got {dims!r}")
+    if weights is None:
+        weights = [1.0] * len(dims)
+    weights = list(weights)
+    if len(weights) != len(dims) or any(isinstance(w, bool) or not isinstance(w, (int, float))
+                                        for w in weights):
+        raise ValueError(f"weights must be {len(dims)} floats (one per dim), got {weights!r}")
+    order = sorted(range(len(dims)), key=dims.__getitem__)
+    dims, weights = [dims[i] for i in order], [float(weights[i]) for i in order]
+    if positive_index is None:
+        if m < n:
+            raise ValueError(f"key must have at least as many rows as query ({n}) when "
+                             f"positive_index is None, got {m}")
+    else:
+        positive_index = C.index(positive_index, "positive_index", n, m, query)
+    if symmetric and (m != n or positive_index is not None):
+        raise ValueError("symmetric=True needs key with as many rows as query and no positive_index")
+    C.reduction(reduction)
+    name = _route(backend, query.device, group)
+    if name == "torch" and (group is None or _family._world(group) == 1):
+        return _matryoshka.info_nce(query, key, alpha, dims, weights, positive_index, symmetric,
+                                    reduction)
+    import torch.nn.functional as F
+
+    total = 0.0
+    for dp, w in zip(dims, weights):
+        total = total + w * info_nce(F.normalize(query[:, :dp], dim=1), F.normalize(key[:, :dp], dim=1),
+                                     logit_scale=alpha, positive_index=positive_index,
+                                     symmetric=symmetric, reduction=reduction, backend=name,
+                                     group=group)
+    return total
 
 
 def clip_loss(image_features, text_features, logit_scale, *, reduction="mean", backend="auto",

@@ -32,7 +32,7 @@ def scale_of(temperature=None, logit_scale=None):
 def info_nce(query, key, *, temperature=None, logit_scale=None, positive_index=None,
              symmetric=False, label_smoothing=0.0, key_ids=None, hard_negatives=None,
              query_negatives=False, key_negatives=False, false_negative_margin=None,
-             false_negative_ratio=None, reduction="mean"):
+             false_negative_ratio=None, reduction="mean", topk_negatives=0):
     """[2.1] CE(alpha Q K^T, pos); symmetric: (CE rows + CE columns) / 2 (open_clip ClipLoss).
     alpha may be [N] (one per anchor); label_smoothing as in F.cross_entropy; key_ids [M]: a key
     with the same id as the row's positive (a duplicate document) is not a negative;
@@ -40,7 +40,8 @@ def info_nce(query, key, *, temperature=None, logit_scale=None, positive_index=N
     query_negatives: the other queries q_j (j != i) are negatives too; key_negatives: so are the
     keys against the row's positive key, s(k_pos(i), k_j), j != pos(i) (Qwen3-Embedding);
     false_negative_margin m / ratio r: a key scoring above s_pos + alpha m (or r s_pos) is not a
-    negative (thresholds detached)."""
+    negative (thresholds detached); topk_negatives k: also return (similarity [N, k], index
+    [N, k]) of each row's k hardest shared keys that are still negatives, padded with -inf / -1."""
     alpha = scale_of(temperature, logit_scale)
     if isinstance(alpha, torch.Tensor) and alpha.dim() == 1:
         alpha = alpha[:, None]
@@ -58,6 +59,7 @@ def info_nce(query, key, *, temperature=None, logit_scale=None, positive_index=N
         dup = (key_ids[pos][:, None] == key_ids[None, :]) & (
             torch.arange(key.shape[0], device=key.device)[None, :] != pos[:, None])
         logits = logits.masked_fill(dup, float("-inf"))
+    top = _hardest(logits, pos, alpha, topk_negatives) if topk_negatives else None
     if hard_negatives is not None:
         logits = torch.cat([logits, alpha * torch.einsum("nd,nkd->nk", query, hard_negatives)], 1)
     if query_negatives:
@@ -72,7 +74,18 @@ def info_nce(query, key, *, temperature=None, logit_scale=None, positive_index=N
     if symmetric:
         rows = (rows + F.cross_entropy(logits.T, pos, reduction="none",
                                        label_smoothing=label_smoothing)) / 2
-    return reduce(rows, reduction)
+    return reduce(rows, reduction) if top is None else (reduce(rows, reduction), top)
+
+
+def _hardest(logits, pos, alpha, k):
+    """Top-k similarities of the shared keys that are negatives (positive and masked out)."""
+    with torch.no_grad():
+        neg = logits.detach().scatter(1, pos[:, None], float("-inf"))
+        if neg.shape[1] < k:
+            neg = F.pad(neg, (0, k - neg.shape[1]), value=float("-inf"))
+        vals, idx = neg.topk(k, dim=1)
+        a = alpha.detach() if isinstance(alpha, torch.Tensor) else alpha
+        return vals / a, idx.masked_fill(torch.isneginf(vals), -1)
 
 
 def clip_loss(image_features, text_features, logit_scale, *, reduction="mean"):

@@ -4,6 +4,9 @@ computed by tilecl's tiled losses (``backend="auto"`` by default; every class ta
 - ``tilecl.compat.open_clip``: ``ClipLoss``, ``SigLipLoss`` (open_clip/loss.py)
 - ``tilecl.compat.supcontrast``: ``SupConLoss`` (HobbitLong/SupContrast losses.py)
 - ``tilecl.compat.pml``: ``SupConLoss``, ``NTXentLoss`` (pytorch-metric-learning call convention)
+- ``tilecl.compat.sentence_transformers``: ``MultipleNegativesRankingLoss``,
+  ``CachedMultipleNegativesRankingLoss`` (import it explicitly: not imported here, so that tilecl
+  does not import sentence-transformers)
 
 Re-exported here: ``ClipLoss``, ``SigLipLoss``, ``SupConLoss`` (SupContrast's), ``PMLSupConLoss``,
 ``PMLNTXentLoss``.

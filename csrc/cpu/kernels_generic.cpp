@@ -1,0 +1,19 @@
+// kernels_generic.cpp: the CPU kernels for the baseline ISA of the build (any x86-64, aarch64,
+// ...): the fallback of kernels_avx2.cpp, and the float64 path everywhere.
+#include "cpu_common.h"
+
+#define TCL_ISA generic
+#include "kernels.h"
+
+namespace tilecl {
+namespace cpu {
+namespace generic {
+
+void forward_f32(const Problem& p, const ForwardOut& out) { forward_typed<float>(p, out); }
+void backward_f32(const Problem& p, const BackwardIO& io) { backward_typed<float>(p, io); }
+void forward_f64(const Problem& p, const ForwardOut& out) { forward_typed<double>(p, out); }
+void backward_f64(const Problem& p, const BackwardIO& io) { backward_typed<double>(p, io); }
+
+}  // namespace generic
+}  // namespace cpu
+}  // namespace tilecl
