@@ -46,6 +46,16 @@ def _pair(a, a_name, b, b_name, *, same_rows, group=None):
     C.features(b, b_name, like=a, like_name=a_name, same_rows=same_rows, allow_empty=group is not None)
 
 
+def _positives(positive_index, n, m, query):
+    """The checked [N] positive index, or None (key[i] for row i: needs M >= N)."""
+    if positive_index is None:
+        if m < n:
+            raise ValueError(f"key must have at least as many rows as query ({n}) when "
+                             f"positive_index is None, got {m}")
+        return None
+    return C.index(positive_index, "positive_index", n, m, query)
+
+
 def info_nce(query, key, *, temperature=None, logit_scale=None, positive_index=None,
              symmetric=False, label_smoothing=0.0, key_ids=None, hard_negatives=None,
              query_negatives=False, key_negatives=False, false_negative_margin=None,
@@ -107,12 +117,7 @@ def info_nce(query, key, *, temperature=None, logit_scale=None, positive_index=N
     if (query_negatives or key_negatives) and (symmetric or label_smoothing or key_ids is not None):
         raise ValueError("query_negatives / key_negatives cannot be combined with symmetric=True, "
                          "label_smoothing or key_ids")
-    if positive_index is None:
-        if m < n:
-            raise ValueError(f"key must have at least as many rows as query ({n}) when "
-                             f"positive_index is None, got {m}")
-    else:
-        positive_index = C.index(positive_index, "positive_index", n, m, query)
+    positive_index = _positives(positive_index, n, m, query)
     if symmetric:
         if m != n:
             raise ValueError(f"symmetric=True needs key with as many rows as query ({n}), got {m}")
@@ -175,12 +180,7 @@ def matryoshka_info_nce(query, key, dims, *, weights=None, temperature=None, log
         raise ValueError(f"weights must be {len(dims)} floats (one per dim), got {weights!r}")
     order = sorted(range(len(dims)), key=dims.__getitem__)
     dims, weights = [dims[i] for i in order], [float(weights[i]) for i in order]
-    if positive_index is None:
-        if m < n:
-            raise ValueError(f"key must have at least as many rows as query ({n}) when "
-                             f"positive_index is None, got {m}")
-    else:
-        positive_index = C.index(positive_index, "positive_index", n, m, query)
+    positive_index = _positives(positive_index, n, m, query)
     if symmetric and (m != n or positive_index is not None):
         raise ValueError("symmetric=True needs key with as many rows as query and no positive_index")
     C.reduction(reduction)
