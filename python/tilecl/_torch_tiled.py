@@ -61,8 +61,9 @@ def _logits(spec, qaI, kJ, aI, bias, nqI, nkJ):
 
 def _masks(spec: TileSpec, aux: TileAux, i0, i1, j0, j1, device, x):
     """allowed [BR, BC] bool (None: every column allowed) and Y [BR, BC] bool (None: no positive)."""
-    cols = torch.arange(j0 + aux.col_offset, j1 + aux.col_offset, device=device)
     allowed = None
+    if aux.excl is not None or spec.positive == "index":  # global indices of the tile's columns
+        cols = torch.arange(j0 + aux.col_offset, j1 + aux.col_offset, device=device)
     if aux.excl is not None:
         e = aux.excl[i0:i1]
         lo, hi = j0 + aux.col_offset, j1 + aux.col_offset
