@@ -26,6 +26,7 @@ test: install
 	$(PY) -m ruff check python tests bench tritonops examples
 	$(PY) -m pytest -q tests  # tests/test_triton_backend.py sets TRITON_INTERPRET=1 itself
 	@if [ -f .ci/triton_compile_report.py ]; then $(PY) .ci/triton_compile_report.py; fi
+	@if [ -f .ci/triton_compat.sh ]; then PY=$(PY) bash .ci/triton_compat.sh; fi
 	@if [ -f .ci/compile_cuda.sh ]; then bash .ci/compile_cuda.sh; fi
 
 bench-cpu: install

@@ -13,8 +13,9 @@ triton.compile with a GPUTarget and an ASTSource (Triton >= 3.0) and the ptxas T
 exits 0 with a clear message when this Triton cannot do it.
 Exit status 1 only when a kernel fails to compile. The opt-in top-k flag sets (topk8, topk32:
 info_nce's hardest negatives streamed by the forward row pass) compile only that pass (the
-backward does not see TOPK); by default the report runs clip, fneg (the false-negative threshold
-of symmetric CLIP, all four passes) and topk32.
+backward does not see TOPK); by default the report runs clip (column sums by atomics in the row
+pass), siglip (the forward fused into the dq pass), fneg (the false-negative threshold of
+symmetric CLIP, all four passes) and topk32.
 """
 
 from __future__ import annotations
@@ -30,22 +31,24 @@ import tempfile
 os.environ.pop("TRITON_INTERPRET", None)  # compile the real kernels, not the interpreter's
 
 FLAG_SETS = {  # the constexpr flags of a few losses (see tilecl._triton_backend._flags)
-    "clip": dict(POSITIVE=1, N_SUMS=1, COL_LSE=True),
+    "clip": dict(POSITIVE=1, N_SUMS=1, COL_LSE=True, COL_ATOMIC=True),
     "supcon": dict(HAS_EXCL=True, POSITIVE=2, N_SUMS=2, C0=1),
     "hcl": dict(HAS_EXCL=True, POSITIVE=1, N_SUMS=2, C0=2, B0=1.5, C1=2, B1=0.5),
     "kernel": dict(DIST=True, GAMMA=1.0, HAS_EXCL=True, POSITIVE=1, N_SUMS=1),
-    "siglip": dict(HAS_BIAS=True, POSITIVE=2, SIG=True),
-    "fneg": dict(POSITIVE=1, N_SUMS=1, COL_LSE=True, HAS_THRESH=True),
+    # SigLIP as the triton backend runs it: the "bwd dq" pass is the fused forward (FWD_STATS)
+    "siglip": dict(HAS_BIAS=True, POSITIVE=2, SIG=True, FWD_STATS=True),
+    "fneg": dict(POSITIVE=1, N_SUMS=1, COL_LSE=True, HAS_THRESH=True, COL_ATOMIC=True),
     "topk8": dict(POSITIVE=1, N_SUMS=1, HAS_THRESH=True, TOPK=8, TOPK_P2=8),
     "topk32": dict(POSITIVE=1, N_SUMS=1, HAS_THRESH=True, TOPK=32, TOPK_P2=32),
 }
 BASE = dict(DIST=False, GAMMA=2.0, HAS_BIAS=False, HAS_EXCL=False, HAS_THRESH=False, POSITIVE=0,
             WEIGHT=0, CLIP=0.0, N_SUMS=0, C0=0, B0=1.0, W0=False, C1=0, B1=1.0, W1=False,
-            LIN=False, SIG=False, COL_LSE=False, TOPK=0, TOPK_P2=1, PRECISION="ieee",
-            UPCAST=False)
-INT_PTRS = ("excl_ptr", "pos_ptr", "labq_ptr", "labk_ptr", "ti_ptr")
+            LIN=False, SIG=False, COL_LSE=False, COL_ATOMIC=False, COL_GATHER=False, TOPK=0,
+            TOPK_P2=1, PRECISION="ieee", UPCAST=False, FWD_STATS=False)
+INT_PTRS = ("excl_ptr", "pos_ptr", "labq_ptr", "labk_ptr", "ti_ptr", "cidx_ptr")
 FP32_PTRS = ("a_ptr", "bias_ptr", "thr_ptr", "w_ptr", "wa_ptr", "wb_ptr", "st_ptr", "col_ptr",
-             "tv_ptr", "g_ptr", "colst_ptr", "gc_ptr", "out_ptr", "gsum_ptr", "gx_ptr")
+             "tv_ptr", "cref_ptr", "cacc_ptr", "g_ptr", "colst_ptr", "gc_ptr", "out_ptr",
+             "gsum_ptr", "gx_ptr")
 
 
 def _say_unsupported(why):
@@ -176,7 +179,7 @@ PASSES = [("fwd rows", lse._lse_fwd_kernel, False, False),
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--flags", nargs="+", default=["clip", "fneg", "topk32"],
+    ap.add_argument("--flags", nargs="+", default=["clip", "siglip", "fneg", "topk32"],
                     choices=sorted(FLAG_SETS))
     ap.add_argument("--cc", nargs="+", type=int, default=[80, 90])
     ap.add_argument("--dtype", nargs="+", default=["bf16", "fp16"], choices=["bf16", "fp16", "fp32"],

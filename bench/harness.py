@@ -71,7 +71,7 @@ class Setup:
     def __init__(self, case: Case, n_sets: int = 1):
         self.case = case
         dev = torch.device(case.device)
-        fns = P.providers(case.loss, dev, case.d)
+        fns = P.providers(case.loss, dev, case.d, variants=True)
         if case.provider not in fns:
             raise KeyError(f"provider {case.provider!r} is not available for {case.loss} on {dev}; "
                            f"available: {sorted(fns)}")

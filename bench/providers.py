@@ -22,6 +22,7 @@ of n / 2 rows each.
 from __future__ import annotations
 
 import importlib
+import os
 
 import torch
 import torch.nn.functional as F
@@ -106,6 +107,25 @@ def flops(loss, mode, n, m=None, d=128):
     m = n if m is None else m
     per = {"fwd": 2, "bwd": 6, "fwd_bwd": 8}[mode]
     return per * n * m * d
+
+
+def matmul_tflops(dtype=torch.bfloat16, n=8192, reps=20):
+    """The measured dense matmul rate (TFLOP/s, median of CUDA-event timings): the roofline the
+    GPU target is compared with."""
+    a = torch.randn(n, n, device="cuda", dtype=dtype)
+    b = torch.randn(n, n, device="cuda", dtype=dtype)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    times.sort()
+    return 2 * n**3 / times[len(times) // 2] / 1e12
 
 
 # ---- baselines written from the official formulas -------------------------------------------------
@@ -225,11 +245,38 @@ def _siglip_kernel():
     return lambda x: mod.fused_siglip_loss(x["a"], x["b"], torch.log(x["scale"]), x["bias"])
 
 
-def providers(loss, device, d=128):
-    """{name: fn(inputs) -> 0-dim loss} of every provider that can run ``loss`` on ``device``."""
+def _with_env(fn, **env):
+    """fn with environment variables set while it runs (the forward: where tilecl reads them)."""
+    def run(x):
+        old = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            return fn(x)
+        finally:
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    return run
+
+
+# the triton backend with a forward-time choice reversed, for the GPU target's A/B (not the grid)
+VARIANTS = {
+    "clip": {"tilecl-triton-2pass": dict(TILECL_TRITON_COL_PASS="two")},
+    "siglip": {"tilecl-triton-unfused": dict(TILECL_TRITON_SIGLIP_FUSED="0")},
+}
+
+
+def providers(loss, device, d=128, variants=False):
+    """{name: fn(inputs) -> 0-dim loss} of every provider that can run ``loss`` on ``device``;
+    with ``variants`` also the triton backend's alternatives of ``VARIANTS``."""
     device = torch.device(device)
-    out = {f"tilecl-{name}": _tilecl(loss, name)
-           for name in tilecl.available_backends(device)}
+    names = tilecl.available_backends(device)
+    out = {f"tilecl-{name}": _tilecl(loss, name) for name in names}
+    if variants and "triton" in names:
+        out.update({k: _with_env(_tilecl(loss, "triton"), **env)
+                    for k, env in VARIANTS.get(loss, {}).items()})
     if loss == "clip":
         out["dense"] = lambda x: dense_clip(x["a"], x["b"], x["scale"])
         out["openclip-style"] = lambda x: openclip_style_clip(x["a"], x["b"], x["scale"])

@@ -71,9 +71,12 @@ def gpu_suite(budget_s=400.0):
     series += [Series("ntxent", fb, "bf16", 128), Series("supcon", fb, "fp32", 128),
                Series("supcon", fb, "bf16", 512), Series("siglip", "fwd", "bf16", 512),
                Series("siglip", "bwd", "bf16", 512), Series("matryoshka", fb, "bf16", 1024)]
+    # issue 3's targets first: CLIP <= 55 ms, SigLIP <= 40 ms, < 64 MiB beyond the gradients
+    target = {"kind": "gpu", "n": 65536, "d": 768, "dtype": "bf16", "losses": ("clip", "siglip"),
+              "ms": {"clip": 55.0, "siglip": 40.0}, "mib": 64.0}
     return Suite("gpu", "cuda", series, _doubling(1024, 2**20),
                  H.Config(warmup=2, min_reps=3, max_reps=25, target_s=0.25), time_cap_s=0.6,
-                 budget_s=budget_s)
+                 budget_s=budget_s, target=target)
 
 
 def smoke_suite(device="cpu"):
@@ -88,12 +91,54 @@ SUITES = {"cpu": cpu_suite, "gpu": gpu_suite, "smoke": smoke_suite}
 
 # ---- the issue-2 target: N = M = 8192, D = 256, fp32 CLIP fwd+bwd -------------------------------
 
+def run_gpu_target(suite: Suite, log=print):
+    """Issue 3's targets on one GPU: every provider of CLIP and SigLIP (the triton backend's
+    variants included) at N = M = 65536, D = 768, bf16, forward + backward, with the measured
+    bf16 matmul rate as the roofline."""
+    t = suite.target
+    dt = H.DTYPES[t["dtype"]]
+    rate = P.matmul_tflops(dt)
+    log(f"{t['dtype']} matmul 8192^3: {rate:.0f} TFLOP/s")
+    recs = []
+    for loss in t["losses"]:
+        for prov in P.providers(loss, suite.device, t["d"], variants=True):
+            case = H.Case(loss, prov, t["n"], t["d"], t["dtype"], "fwd_bwd", suite.device)
+            extra = {"group": "target", "matmul_tflops": rate, "target_ms": t["ms"][loss],
+                     "target_mib": t["mib"]}
+            recs.append(H.measure(case, H.Config(**{**suite.cfg.__dict__, "extra": extra})))
+            log(H.format_record(recs[-1]))
+    return recs
+
+
+def gpu_target_markdown(recs):
+    t0 = recs[0]
+    lines = [f"## Issue-3 targets: N = M = {t0['n']}, D = {t0['d']}, {t0['dtype']}, forward + "
+             f"backward (8 N M D flops; {t0['dtype']} matmul measured at "
+             f"{t0['matmul_tflops']:.0f} TFLOP/s)", "",
+             "| loss | provider | time (ms) | target (ms) | TFLOP/s | of matmul rate | "
+             "extra peak (MiB) | beyond gradients (MiB) |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in recs:
+        if r["status"] != "ok":
+            lines.append(f"| {r['loss']} | {r['provider']} | {r['status']} | {r['target_ms']:.0f}"
+                         " | | | | |")
+            continue
+        beyond = r["mem_mib"] - r["input_mib"] if "mem_mib" in r else float("nan")
+        lines.append(f"| {r['loss']} | {r['provider']} | {r['time_ms']:.1f} | "
+                     f"{r['target_ms']:.0f} | {r['tflops']:.0f} | "
+                     f"{r['tflops'] / r['matmul_tflops']:.0%} | {r.get('mem_mib', float('nan')):.0f}"
+                     f" | {beyond:.0f} (target < {r['target_mib']:.0f}) |")
+    lines += ["", "Beyond gradients: extra peak minus the inputs' size (their gradients have it)."]
+    return "\n".join(lines) + "\n"
+
+
 def run_target(suite: Suite, log=print):
     """tilecl-torch at each tile size and dense at one size: records with group 'target' and the
-    tile used."""
+    tile used (CPU); the GPU suite's target is ``run_gpu_target``."""
     from tilecl import _torch_tiled
 
     t = suite.target
+    if t.get("kind") == "gpu":
+        return run_gpu_target(suite, log)
     # seconds per call at this size on CPU: no warm-up (nothing to compile; the first call's page
     # faults are a real cost), two timed calls and one memory call per point
     reps = t.get("reps", 2)
@@ -118,6 +163,8 @@ def run_target(suite: Suite, log=print):
 
 
 def target_markdown(recs):
+    if recs and "matmul_tflops" in recs[0]:
+        return gpu_target_markdown(recs)
     dense = next((r for r in recs if r["provider"] == "dense" and r["status"] == "ok"), None)
     lines = ["## Issue-2 target: symmetric CLIP, fp32, forward + backward, N = M = 8192, D = 256",
              "", "| provider | torch tile (rows x cols) | time (ms) | extra peak (MiB) | "

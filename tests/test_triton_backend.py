@@ -579,3 +579,88 @@ def test_torch_compile_traces_public_loss_without_graph_breaks(name):
         out.append((loss.detach(), q.grad, k.grad))
     for a, b in zip(out[0], out[1]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# symmetric CLIP's column LSE: atomics in the row pass (default) vs the exact column pass
+
+
+def _col_lse(monkeypatch, mode, spec, q, k, alpha, bias, aux):
+    monkeypatch.setenv("TILECL_TRITON_COL_PASS", mode)
+    stats, col, *_ = tb._forward_impl(spec, q, k, alpha, bias, aux)
+    return stats, col
+
+
+@pytest.mark.parametrize("n,m,d", [(1, 1, 3), (17, 40, 64), (65, 33, 100)])
+@pytest.mark.parametrize("variant", ["plain", "threshold", "excl_offset", "dist"])
+def test_col_atomic_matches_column_pass(monkeypatch, n, m, d, variant):
+    gen = torch.Generator().manual_seed(n * 7 + m)
+    q, k = _unit(n, d, gen, torch.float32), _unit(m, d, gen, torch.float32)
+    alpha, aux = torch.tensor(1 / 0.07), TileAux(pos=torch.arange(n) % m)
+    spec = TileSpec(positive="index", sums=(SumSpec(),), col_lse=True)
+    if variant == "threshold":
+        spec = dataclasses.replace(spec, threshold=True)
+        aux = dataclasses.replace(aux, thresh=torch.rand(n, generator=gen) * 10.0)
+    elif variant == "excl_offset":  # a visiting block: global columns 5 .. 5 + M
+        aux = TileAux(pos=torch.arange(n) % m + 5, excl=(torch.arange(n) + 6) % (m + 5),
+                      col_offset=5)
+    elif variant == "dist":
+        spec = dataclasses.replace(spec, logit="dist", gamma=1.0)
+        alpha = torch.tensor(3.0)
+    got = _col_lse(monkeypatch, "atomic", spec, q, k, alpha, None, aux)
+    want = _col_lse(monkeypatch, "two", spec, q, k, alpha, None, aux)
+    ref = _torch_tiled.forward(spec, q.double(), k.double(), alpha.double(), None, aux)
+    for name, a, b, r in zip(("stats", "col"), got, want, ref):
+        assert torch.equal(torch.isinf(a), torch.isinf(b)), name
+        assert_close(name, a, r.float(), 1e-5)
+        assert_close(name + " vs column pass", a, b, 1e-5)
+
+
+def test_col_atomic_falls_back_where_the_sum_underflows(monkeypatch):
+    """One row of norm 100 along e0 sets every column's bound to 2 x 100 |k_j|; columns
+    orthogonal to e0 have logits near 0, ~136 below their reference: their fp32 sums underflow
+    and only they (an even-indexed half) go through the gathered column pass, exactly."""
+    n, m, d = 9, 12, 8
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(n, d, generator=gen) * 0.1
+    q[0] = 0.0
+    q[0, 0] = 100.0
+    k = torch.nn.functional.normalize(torch.randn(m, d, generator=gen), dim=1)
+    k[::2, 0] = 0.0  # columns 0, 2, ...: orthogonal to e0
+    k[1::2, 0] = 1.0
+    alpha = torch.tensor(2.0)
+    spec = TileSpec(positive="index", sums=(SumSpec(),), col_lse=True)
+    aux = TileAux(pos=torch.arange(n))
+    gathered = []
+    real = tb._lse._lse_fwd_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                if meta.get("COL_GATHER"):
+                    gathered.append(args[18].clone())  # cidx_ptr
+                return real[grid](*args, **meta)
+            return launch
+
+    monkeypatch.setattr(tb._lse, "_lse_fwd_kernel", Spy())
+    got = _col_lse(monkeypatch, "atomic", spec, q, k, alpha, None, aux)
+    assert len(gathered) == 1 and torch.equal(gathered[0], torch.arange(0, m, 2))
+    want = _col_lse(monkeypatch, "two", spec, q, k, alpha, None, aux)
+    ref = _torch_tiled.forward(spec, q.double(), k.double(), alpha.double(), None, aux)
+    assert_close("col", got[1], ref[1].float(), 1e-5)
+    assert_close("col vs column pass", got[1], want[1], 1e-5)
+
+
+def test_col_pass_choice(monkeypatch):
+    monkeypatch.delenv("TILECL_TRITON_COL_PASS", raising=False)
+    assert tb.col_pass() == "atomic"
+    monkeypatch.setenv("TILECL_TRITON_COL_PASS", "sideways")
+    with pytest.raises(ValueError, match="TILECL_TRITON_COL_PASS"):
+        tb.col_pass()
+    monkeypatch.setenv("TILECL_TRITON_COL_PASS", "atomic")
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert tb.col_pass() == "two"  # atomics are not deterministic
+    finally:
+        torch.use_deterministic_algorithms(prev)

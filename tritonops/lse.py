@@ -1,13 +1,15 @@
 """The tile template of tilecl in Triton: one forward and one backward kernel for the whole family.
 
 ``_lse_fwd_kernel`` sweeps a block of rows q [N, D] against every column tile of k [M, D] and writes
-the per-row statistics of ``tilecl._spec.TileSpec`` ([S, N] fp32: lse^1, lse^2, lin, cnt, sig);
-with ``TRANS`` it sweeps a block of columns against every row tile and writes the column LSE of
-symmetric CLIP instead (math.md 2.1). ``_lse_bwd_kernel`` recomputes each tile, forms G_ij from the
-saved statistics and dL/dstats (math.md 1.2), and accumulates either dq (row-parallel, ``TRANS``
-false) or dk (column-parallel, ``TRANS`` true) for one chunk of D, in fp32 registers. Every loss is
-a set of constexpr flags; nothing N x M ever reaches global memory. Launchers live in
-``tilecl._triton_backend``; these are kernels only.
+the per-row statistics of ``tilecl._spec.TileSpec`` ([S, N] fp32: lse^1, lse^2, lin, cnt, sig)
+and, with ``COL_ATOMIC``, the column sums of symmetric CLIP in the same sweep; with ``TRANS`` it
+sweeps a block of columns against every row tile and writes the column LSE (math.md 2.1)
+instead: the exact pass, for the columns whose atomic sum is unusable or on request.
+``_lse_bwd_kernel`` recomputes each tile, forms G_ij from the saved statistics and dL/dstats
+(math.md 1.2), and accumulates either dq (row-parallel, ``TRANS`` false) or dk (column-parallel,
+``TRANS`` true) for one chunk of D, in fp32 registers; for SigLIP its dq pass is also the forward
+(``FWD_STATS``). Every loss is a set of constexpr flags; nothing N x M ever reaches global
+memory. Launchers live in ``tilecl._triton_backend``; these are kernels only.
 
 Flags (constexpr): DIST (distance logits -alpha d2^(GAMMA/2), math.md 1.4), HAS_BIAS, HAS_EXCL
 (self column), HAS_THRESH (false negatives: a non-positive column with x_ij > thresh_i leaves the
@@ -15,9 +17,11 @@ row's every sum and the column LSE, in all four passes), POSITIVE (0 none, 1 ind
 WEIGHT (0 none, 1 dense [N, MW], 2 low rank <wa_i, wb_j>), CLIP (weights below it count as 0),
 N_SUMS and per sum Ck (0 all, 1 pos, 2 neg allowed columns), Bk (logit multiplier beta), Wk
 (weighted), LIN, SIG, COL_LSE, TRANS, PRECISION (fp32 dot input precision), UPCAST (fp32 dots
-under the interpreter for bf16), in the forward TOPK / TOPK_P2 (stream each row's TOPK largest
-logits over its allowed non-positive columns, see _topk_merge; 0 = off) and in the backward
-PRECISION2 / H16 / HSCALE (operand types of the gradient matmul, see _grad_dot).
+under the interpreter for bf16), in the forward COL_ATOMIC / COL_GATHER (column sums by atomics
+in the row pass / a column pass over listed columns) and TOPK / TOPK_P2 (stream each row's TOPK
+largest logits over its allowed non-positive columns, see _topk_merge; 0 = off) and in the
+backward PRECISION2 / H16 / HSCALE (operand types of the gradient matmul, see _grad_dot) and
+FWD_STATS (SigLIP's forward fused into the dq pass).
 """
 
 import triton
@@ -174,6 +178,15 @@ def _log1p(b_u):
 
 
 @triton.jit
+def _softplus_sum(b_x, m_allowed, m_y):
+    """SigLIP's row sums: sum_j [allowed] softplus(-(2Y-1) x) with
+    softplus(-(2Y-1)x) = max(x, 0) + log1p(exp(-|x|)) - Y x (math.md 2.2)."""
+    b_sp = tl.maximum(b_x, 0.0) + _log1p(tl.exp(-tl.abs(b_x)))
+    b_sp = b_sp - tl.where(m_y, b_x, 0.0)
+    return tl.sum(tl.where(m_allowed, b_sp, 0.0), axis=1)
+
+
+@triton.jit
 def _topk_pack(b_v, o_c):
     """Sortable int64 key of (fp32 value, column index >= 0): the value's bits, made
     order-preserving as a signed int32 (negative floats flip their 31 magnitude bits), in the high
@@ -251,7 +264,7 @@ def _heuristics(backward):
 
 
 _KEY_FLAGS = ["TRANS", "DIST", "N_SUMS", "WEIGHT", "SIG", "COL_LSE"]
-_FWD_KEY_FLAGS = _KEY_FLAGS + ["TOPK"]
+_FWD_KEY_FLAGS = _KEY_FLAGS + ["TOPK", "COL_ATOMIC", "COL_GATHER"]
 
 
 @triton.autotune(**autotune_kwargs(False, _FWD_KEY_FLAGS))
@@ -259,7 +272,7 @@ _FWD_KEY_FLAGS = _KEY_FLAGS + ["TOPK"]
 @triton.jit
 def _lse_fwd_kernel(
     q_ptr, k_ptr, a_ptr, bias_ptr, excl_ptr, pos_ptr, labq_ptr, labk_ptr, thr_ptr, w_ptr, wa_ptr,
-    wb_ptr, st_ptr, col_ptr, tv_ptr, ti_ptr,
+    wb_ptr, st_ptr, col_ptr, tv_ptr, ti_ptr, cref_ptr, cacc_ptr, cidx_ptr,
     N, M, D, MW, R, col_offset,
     s_qn, s_qd, s_kn, s_kd, s_a, s_wn, s_ww, s_an, s_ar, s_bn, s_br, s_st,
     DIST: tl.constexpr, GAMMA: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_EXCL: tl.constexpr,
@@ -268,6 +281,7 @@ def _lse_fwd_kernel(
     C0: tl.constexpr, B0: tl.constexpr, W0: tl.constexpr,
     C1: tl.constexpr, B1: tl.constexpr, W1: tl.constexpr,
     LIN: tl.constexpr, SIG: tl.constexpr, COL_LSE: tl.constexpr, TRANS: tl.constexpr,
+    COL_ATOMIC: tl.constexpr, COL_GATHER: tl.constexpr,
     TOPK: tl.constexpr, TOPK_P2: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
@@ -277,6 +291,10 @@ def _lse_fwd_kernel(
     Row pass with TOPK > 0: also each row's TOPK largest logits over its allowed non-positive
     columns, descending (tv [N, TOPK] fp32), and their global columns (ti [N, TOPK] int64),
     padded with -inf / -1. TOPK_P2 = next power of two >= TOPK (the register list's width).
+    Row pass with COL_ATOMIC: also the column sums of symmetric CLIP against fixed per-column
+    references, cacc_j += sum_i exp(x_ij - cref_j) (fp32 atomics; the launcher turns them into
+    the column LSE and recomputes the few columns whose sum under- or overflowed).
+    Column pass with COL_GATHER: only the M columns listed in cidx (int64), for that fallback.
     """
     i_p = tl.program_id(0).to(tl.int64)
     if HAS_BIAS:
@@ -285,8 +303,12 @@ def _lse_fwd_kernel(
         bias = 0.0
     if TRANS:
         # column LSE of symmetric CLIP (math.md 2.1): this program owns BN columns, sweeps rows
-        o_n = i_p * BN + tl.arange(0, BN)
-        m_n = o_n < M
+        o_c = i_p * BN + tl.arange(0, BN)
+        m_n = o_c < M
+        if COL_GATHER:
+            o_n = tl.load(cidx_ptr + o_c, mask=m_n, other=0)
+        else:
+            o_n = o_c
         b_mc = tl.full([BN], NEG_INF, dtype=tl.float32)
         b_lc = tl.zeros([BN], dtype=tl.float32)
         for i0 in range(0, N, BM):
@@ -335,10 +357,12 @@ def _lse_fwd_kernel(
             if LIN:  # SupCon L_out: sum of positive logits and their count (math.md 4.1)
                 b_lin += tl.sum(tl.where(m_y, b_x, 0.0), axis=1)
                 b_cnt += tl.sum(m_y.to(tl.float32), axis=1)
-            if SIG:  # softplus(-(2Y-1)x) = max(x, 0) + log1p(exp(-|x|)) - Y x (math.md 2.2)
-                b_sp = tl.maximum(b_x, 0.0) + _log1p(tl.exp(-tl.abs(b_x)))
-                b_sp = b_sp - tl.where(m_y, b_x, 0.0)
-                b_sig += tl.sum(tl.where(m_allowed, b_sp, 0.0), axis=1)
+            if SIG:
+                b_sig += _softplus_sum(b_x, m_allowed, m_y)
+            if COL_ATOMIC:  # column sums against cref_j >= max_i x_ij - 64 (no overflow)
+                b_ref = tl.load(cref_ptr + o_n, mask=m_n, other=0.0)
+                b_pc = tl.exp(tl.where(m_allowed, b_x - b_ref[None, :], NEG_INF))
+                tl.atomic_add(cacc_ptr + o_n, tl.sum(b_pc, axis=0), mask=m_n, sem="relaxed")
             if TOPK > 0:  # hardest negatives: allowed (not excluded, not dropped), not positive
                 b_top = _topk_merge(b_top, b_x, m_allowed & ~m_y, o_n)
         p_st = st_ptr + o_m
@@ -456,7 +480,8 @@ def _tile_backward(q_ptr, k_ptr, excl_ptr, pos_ptr, labq_ptr, labk_ptr, thr_ptr,
                    PRECISION: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr,
                    BN: tl.constexpr, BK: tl.constexpr):
     """One recomputed [BM, BN] tile of the backward, shared by the dq and dk passes: the logits
-    x, G = dL/dx from the saved statistics (math.md 1.2) and H = dL/d<q_i, k_j> (1.3, 1.4)."""
+    x, G = dL/dx from the saved statistics (math.md 1.2), H = dL/d<q_i, k_j> (1.3, 1.4) and
+    the tile's masks (allowed, positive)."""
     b_x, b_inner = _tile_logits(q_ptr, k_ptr, s_qn, s_qd, s_kn, s_kd, o_m, m_m, o_n, m_n,
                                 a_i, bias, D, BM, BN, BK, DIST, GAMMA, HAS_BIAS, UPCAST,
                                 PRECISION)
@@ -467,7 +492,7 @@ def _tile_backward(q_ptr, k_ptr, excl_ptr, pos_ptr, labq_ptr, labk_ptr, thr_ptr,
     b_G = _tile_grad(b_x, m_allowed, m_y, b_w, b_lse0, b_g0, b_lse1, b_g1, b_glin,
                      b_gsig, b_lsec, b_gc, N_SUMS, C0, B0, W0, C1, B1, W1, LIN, SIG,
                      COL_LSE)
-    return b_x, b_G, _tile_h(b_G, b_inner, a_i, DIST, GAMMA)
+    return b_x, b_G, _tile_h(b_G, b_inner, a_i, DIST, GAMMA), m_allowed, m_y
 
 
 @triton.jit
@@ -501,7 +526,7 @@ def _grad_dot(b_h, b_v, b_acc, H16: tl.constexpr, HSCALE: tl.constexpr, PRECISIO
     return b_acc
 
 
-@triton.autotune(**autotune_kwargs(True, _KEY_FLAGS))
+@triton.autotune(**autotune_kwargs(True, _KEY_FLAGS + ["FWD_STATS"]))
 @_heuristics(True)
 @triton.jit
 def _lse_bwd_kernel(
@@ -515,12 +540,18 @@ def _lse_bwd_kernel(
     C0: tl.constexpr, B0: tl.constexpr, W0: tl.constexpr,
     C1: tl.constexpr, B1: tl.constexpr, W1: tl.constexpr,
     LIN: tl.constexpr, SIG: tl.constexpr, COL_LSE: tl.constexpr, TRANS: tl.constexpr,
+    FWD_STATS: tl.constexpr,
     PRECISION: tl.constexpr, PRECISION2: tl.constexpr, UPCAST: tl.constexpr, H16: tl.constexpr,
     HSCALE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
 ):
     """dq[:, chunk] (TRANS false, grid rows x D-chunks) or dk[:, chunk] (TRANS true, grid
     columns x D-chunks), fp32, written once. Row pass also writes sum_j G_ij x_ij (gx, distance
-    logits' scale gradient) and sum_j G_ij (gsum, SigLIP bias) from its first D chunk."""
+    logits' scale gradient) and sum_j G_ij (gsum, SigLIP bias) from its first D chunk.
+
+    FWD_STATS (row pass, SigLIP only: G_ij = g_i (sigmoid(x_ij) - Y_ij) needs no statistic): the
+    forward and the dq pass in one sweep (math.md 1.6). Run with g = 1, it also writes the row's
+    softplus sum, the loss statistic, into st (from its first D chunk); the autograd Function
+    scales dq, gsum by the upstream g later, and only the dk pass is left for the backward."""
     i_p = tl.program_id(0).to(tl.int64)
     i_d = tl.program_id(1).to(tl.int64)
     o_d = i_d * BD + tl.arange(0, BD)
@@ -541,7 +572,7 @@ def _lse_bwd_kernel(
             a_i = tl.load(a_ptr + o_m * s_a, mask=m_m, other=1.0).to(tl.float32)
             b_lse0, b_g0, b_lse1, b_g1, b_glin, b_gsig = _load_row_stats(
                 st_ptr, g_ptr, s_st, o_m, m_m, BM, N_SUMS, LIN, SIG)
-            b_x, b_G, b_h = _tile_backward(
+            b_x, b_G, b_h, m_allowed, m_y = _tile_backward(
                 q_ptr, k_ptr, excl_ptr, pos_ptr, labq_ptr, labk_ptr, thr_ptr, w_ptr, wa_ptr,
                 wb_ptr, s_qn, s_qd, s_kn, s_kd, s_wn, s_ww, s_an, s_ar, s_bn, s_br, D, MW, R,
                 col_offset, o_m, m_m, o_n, m_n, a_i, bias, b_lse0, b_g0, b_lse1, b_g1, b_glin,
@@ -569,11 +600,12 @@ def _lse_bwd_kernel(
         b_hs = tl.zeros([BM], dtype=tl.float32)
         b_gx = tl.zeros([BM], dtype=tl.float32)
         b_gs = tl.zeros([BM], dtype=tl.float32)
+        b_sig = tl.zeros([BM], dtype=tl.float32)
         for j0 in range(0, M, BN):
             o_n = j0 + tl.arange(0, BN).to(tl.int64)
             m_n = o_n < M
             b_lsec, b_gc = _load_col_stats(colst_ptr, gc_ptr, o_n, m_n, BN, COL_LSE)
-            b_x, b_G, b_h = _tile_backward(
+            b_x, b_G, b_h, m_allowed, m_y = _tile_backward(
                 q_ptr, k_ptr, excl_ptr, pos_ptr, labq_ptr, labk_ptr, thr_ptr, w_ptr, wa_ptr,
                 wb_ptr, s_qn, s_qd, s_kn, s_kd, s_wn, s_ww, s_an, s_ar, s_bn, s_br, D, MW, R,
                 col_offset, o_m, m_m, o_n, m_n, a_i, bias, b_lse0, b_g0, b_lse1, b_g1, b_glin,
@@ -588,6 +620,8 @@ def _lse_bwd_kernel(
                 b_gx += tl.sum(b_G * b_x, axis=1)
             if SIG and HAS_BIAS:
                 b_gs += tl.sum(b_G, axis=1)
+            if FWD_STATS:
+                b_sig += _softplus_sum(b_x, m_allowed, m_y)
         p_q = q_ptr + o_m[:, None] * s_qn + o_d[None, :] * s_qd
         if DIST:  # dq_i = sum_j H_ij k_j - (sum_j H_ij) q_i
             b_q = tl.load(p_q, mask=m_m[:, None] & m_d[None, :], other=0.0).to(tl.float32)
@@ -599,3 +633,5 @@ def _lse_bwd_kernel(
             tl.store(gx_ptr + o_m, b_gx, mask=m_first)
         if SIG and HAS_BIAS:
             tl.store(gsum_ptr + o_m, b_gs, mask=m_first)
+        if FWD_STATS:
+            tl.store(st_ptr + (N_SUMS + 2 * LIN) * s_st + o_m, b_sig, mask=m_first)

@@ -26,7 +26,16 @@ class TileStatsFunction(torch.autograd.Function):
             raise ValueError(f"the false-negative threshold flag (false_negative_margin / ratio) "
                              f"is not implemented by the {backend!r} backend")
         impl = _backends.get(backend)
-        stats, col, *top = impl.forward(spec, q, k, alpha, bias, aux)
+        fused = None  # SigLIP on triton: the forward runs the dq pass as well
+        with_dq = getattr(impl, "forward_with_dq", None)
+        if with_dq is not None and pos is None and not ctx.single_set and ctx.needs_input_grad[0]:
+            fused = with_dq(spec, q, k, alpha, bias, aux)
+        if fused is not None:
+            stats, saved_dq = fused
+            col, top = None, []
+        else:
+            stats, col, *top = impl.forward(spec, q, k, alpha, bias, aux)
+        ctx.fused_dq = fused is not None
         if col is None:
             col = stats.new_zeros(0)
         if spec.topk and not top:
@@ -35,19 +44,25 @@ class TileStatsFunction(torch.autograd.Function):
         ctx.pos = pos
         s_pos = stats.new_zeros(0)
         if pos is not None:  # alpha_i <q_i, k_pos(i)> in the statistics' dtype
-            s_pos = (q.to(stats.dtype) * k[pos].to(stats.dtype)).sum(1) * alpha.to(stats.dtype)
+            s_pos = _positive_logits(q, k, pos, stats.dtype) * alpha.to(stats.dtype)
         ctx.spec, ctx.aux, ctx.backend = spec, aux, backend
         ctx.has_bias = bias is not None
         if any(ctx.needs_input_grad[:4]):
             ctx.save_for_backward(q, None if ctx.single_set else k, alpha,
-                                  bias if bias is not None else alpha.new_zeros(()), stats, col)
+                                  bias if bias is not None else alpha.new_zeros(()), stats, col,
+                                  *(saved_dq if fused is not None else ()))
         ctx.mark_non_differentiable(*(() if spec.col_lse else (col,)),
                                     *(() if pos is not None else (s_pos,)), top_vals, top_idx)
         return stats, col, s_pos, top_vals, top_idx
 
     @staticmethod
     def backward(ctx, g_stats, g_col, g_pos, _g_top_vals, _g_top_idx):
-        q, k, alpha, bias, stats, col = ctx.saved_tensors
+        if ctx.fused_dq and getattr(ctx, "dq_taken", False):
+            raise RuntimeError(
+                "tilecl: this SigLIP loss ran the triton backend's fused forward, whose saved "
+                "buffer becomes dq in place, so its backward runs once; set "
+                "TILECL_TRITON_SIGLIP_FUSED=0 to backpropagate twice (retain_graph=True)")
+        q, k, alpha, bias, stats, col, *saved_dq = ctx.saved_tensors
         k = q if ctx.single_set else k
         spec = ctx.spec
         if g_stats is None:
@@ -58,6 +73,21 @@ class TileStatsFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad[:4]
         if ctx.single_set:  # the backend computes both sides of z against itself
             needs = (needs[0], needs[0]) + tuple(needs[2:])
+        if ctx.fused_dq:  # dq came with the forward; only dk is left (SigLIP, triton)
+            return _backward_fused_dq(ctx, impl, q, k, alpha, bias, stats, g_stats, saved_dq,
+                                      needs)
+        final = getattr(impl, "backward_final", None)
+        grads = None
+        if final is not None:  # the backend finishes the gradients itself, chunk by chunk
+            grads = final(spec, q, k, alpha, bias if ctx.has_bias else None, ctx.aux, stats,
+                          col if spec.col_lse else None, g_stats.to(stats.dtype),
+                          g_col.to(col.dtype) if spec.col_lse else None, needs,
+                          ctx.pos if g_pos is not None else None, g_pos, ctx.single_set)
+        if grads is not None:
+            dq, dk, da, db = grads
+            return (dq if needs[0] else None, None if ctx.single_set else dk,
+                    _cast(da, alpha, needs[2]), _cast(db, bias, needs[3]), None, None, None,
+                    None)
         dq, dk, da, db = impl.backward(
             spec, q, k, alpha, bias if ctx.has_bias else None, ctx.aux,
             stats, col if spec.col_lse else None, g_stats.to(stats.dtype),
@@ -69,6 +99,22 @@ class TileStatsFunction(torch.autograd.Function):
             dk = None
         return (_cast(dq, q, needs[0]), _cast(dk, k, needs[1]), _cast(da, alpha, needs[2]),
                 _cast(db, bias, needs[3]), None, None, None, None)
+
+
+def _backward_fused_dq(ctx, impl, q, k, alpha, bias, stats, g_stats, saved_dq, needs):
+    """Gradients when the forward ran the dq pass (``impl.forward_with_dq``): dq, dalpha and
+    dbias from the saved (u, qdot, gsum) scaled by g; dk from the backend's dk pass alone."""
+    spec = ctx.spec
+    b = bias if ctx.has_bias else None
+    ctx.dq_taken = bool(needs[0])
+    dq, da, db = impl.finish_dq(*saved_dq, g_stats[spec.i_sig], alpha, b, needs)
+    dk = None
+    if needs[1]:
+        _, dk, _, _ = impl.backward_final(spec, q, k, alpha, b, ctx.aux, stats, None,
+                                          g_stats.to(stats.dtype), None,
+                                          (False, True, False, False))
+    return (dq if needs[0] else None, dk, _cast(da, alpha, needs[2]), _cast(db, bias, needs[3]),
+            None, None, None, None)
 
 
 def _add_positive(q, k, alpha, pos, g_pos, dq, dk, da, needs, cdt):
@@ -87,6 +133,21 @@ def _add_positive(q, k, alpha, pos, g_pos, dq, dk, da, needs, cdt):
         dot = g * (qc * kp).sum(1)
         da = da + (dot.sum() if alpha.dim() == 0 else dot)
     return dq, dk, da
+
+
+_GATHER_BYTES = 4 << 20  # one fp32 temporary of the positive-logit gather
+
+
+def _positive_logits(q, k, pos, dtype):
+    """<q_i, k_pos(i)> [N] in ``dtype``, gathered in row slices of at most 4 MiB per temporary
+    (O(N) memory beyond the inputs, not O(N d))."""
+    n, d = q.shape[0], q.shape[1]
+    step = max(1, _GATHER_BYTES // (max(d, 1) * 8))
+    out = torch.empty(n, device=q.device, dtype=dtype)
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        out[r0:r1] = (q[r0:r1].to(dtype) * k[pos[r0:r1]].to(dtype)).sum(1)  # [S, d] -> [S]
+    return out
 
 
 def _cast(grad, like, needed):

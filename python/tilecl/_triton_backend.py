@@ -7,9 +7,16 @@ per-row statistics [S, N] fp32 and the column LSE [M] (or None), ``backward`` re
 Passes (math.md 1.3, 2.1):
 
 * forward: one row-parallel launch (row statistics, and with ``spec.topk`` each row's hardest
-  negatives: a running list in registers, ``tritonops.lse._topk_merge``); symmetric CLIP adds
-  one column-parallel launch of the same kernel (``TRANS``) for the column LSE: 2x the forward
-  matmul, O(N + M) memory, no atomics on (max, sum) pairs, no [N / BM, M] partial buffer.
+  negatives: a running list in registers, ``tritonops.lse._topk_merge``). Symmetric CLIP's
+  column LSE comes from the same sweep by default: fp32 atomic sums against a fixed reference
+  per column (``col_pass``: a Cauchy-Schwarz bound minus 64, so no overflow; the columns whose
+  sum underflowed, which math.md 2.1 warns a fixed shift can cause, are recomputed exactly by a
+  column-parallel launch over just those columns, ``COL_GATHER``). ``TILECL_TRITON_COL_PASS=two``
+  (or deterministic algorithms) runs the exact column-parallel launch (``TRANS``) for every
+  column instead: 2x the forward matmul, deterministic. Both O(N + M) memory.
+* SigLIP (``_triton_backward.forward_with_dq``): G needs no statistic, so when q needs a
+  gradient the forward is the dq pass run with g = 1 (``FWD_STATS`` also writes the loss
+  statistic); the backward scales it by g and runs the dk pass only: 8 N M D flops, not 10.
 * the false-negative threshold (``spec.threshold``, ``aux.thresh``) is a mask recomputed from the
   same logits in every pass, so the forward row and column passes and both backward passes agree.
 * backward: a row-parallel launch writes dq (and the per-row sums for the scale and bias
@@ -19,6 +26,10 @@ Passes (math.md 1.3, 2.1):
   4 tile matmuls in the backward instead of 3 with dq atomics), and each D chunk beyond the first
   recomputes the logits once more; the autotuner weighs that against narrow tiles whose gradient
   block spans all of D (BD up to 1024, tritonops/configs.py).
+* ``backward`` returns fp32 dq / dk (the contract every backend shares, used by the ring);
+  ``backward_final`` (``_triton_backward.py``, what ``_autograd`` calls) runs the same launches
+  over row / column chunks into a bounded fp32 workspace and returns the finished gradients in
+  the inputs' dtypes: O(workspace + N + M) memory instead of two fp32 [N, D] buffers.
 * dalpha = sum_i <q_i, dq_i> / alpha_i (dot logits), sum_j G_ij x_ij / alpha_i (distance logits),
   summed for a 0-dim alpha (math.md 1.5); dbias = sum_ij G_ij for SigLIP (2.2), 0 otherwise
   (exactly what ``_torch_tiled`` returns).
@@ -163,14 +174,119 @@ def _forward_impl(spec: TileSpec, q, k, alpha, bias, aux: TileAux):
     tv = _output((n, spec.topk), dev, True) if top is not None else _dummy(dev, torch.float32)
     ti = torch.full((n, spec.topk), -2 if _configs.interpreting() else 0, device=dev,
                     dtype=torch.int64) if top is not None else _dummy(dev, torch.int64)
-    outs = (stats, out_col, tv, ti)
-    if spec.n_stats > 0 or top is not None:
+    atomic = spec.col_lse and col_pass() == "atomic"
+    if atomic:  # column sums in the row pass against fixed references
+        cref = _col_references(spec, q, k, alpha, bias)
+        cacc = torch.zeros(m, device=dev, dtype=torch.float32)
+    else:
+        cref = cacc = _dummy(dev, torch.float32)
+    cidx = _dummy(dev, torch.int64)
+    outs = (stats, out_col, tv, ti, cref, cacc, cidx)
+    flags.update(COL_ATOMIC=atomic, COL_GATHER=False)
+    if spec.n_stats > 0 or top is not None or atomic:
         _lse._lse_fwd_kernel[lambda meta: (triton.cdiv(n, meta["BM"]),)](
             *ptrs, *outs, *sizes, *strides, stats.stride(0), TRANS=False, **flags)
-    if spec.col_lse:
+    if atomic:
+        # usable where the sum is finite and above n 2^-100: the terms that exp flushed to zero
+        # (each < 2^-126) then weigh < 2^-26 of it; the rest (and empty columns) are recomputed
+        ok = torch.isfinite(cacc) & (cacc >= n * 2.0**-100)
+        # in float64: log cacc is ~64 + (lse_j - bound_j), its fp32 ulp would be ~8e-6
+        f64 = torch.float64
+        col.copy_(cref.to(f64) + torch.log(torch.where(ok, cacc, 1.0).to(f64)))
+        redo = torch.nonzero(~ok).squeeze(1)  # one host sync
+        if redo.numel():
+            flags.update(COL_ATOMIC=False, COL_GATHER=True)
+            gsizes = (sizes[0], redo.numel(), *sizes[2:])
+            outs = (stats, out_col, tv, ti, cref, cacc, redo)
+            _lse._lse_fwd_kernel[lambda meta: (triton.cdiv(redo.numel(), meta["BN"]),)](
+                *ptrs, *outs, *gsizes, *strides, stats.stride(0), TRANS=True, **flags)
+    elif spec.col_lse:
         _lse._lse_fwd_kernel[lambda meta: (triton.cdiv(m, meta["BN"]),)](
             *ptrs, *outs, *sizes, *strides, stats.stride(0), TRANS=True, **flags)
     return done if top is None else (stats, col, (tv, ti))
+
+
+def col_pass() -> str:
+    """How the forward gets symmetric CLIP's column LSE (``TILECL_TRITON_COL_PASS``):
+
+    * "atomic" (default): in the row pass, cacc_j += sum_i exp(x_ij - cref_j) by fp32 atomics
+      against a fixed reference per column, cref_j = max_i(a_i |q_i|) |k_j| + b - 64 >= every
+      x_ij - 64 (Cauchy-Schwarz; -64 for distance logits, x <= 0), so no term overflows
+      (n e^64 < fp32 max for n < 5e10). Columns whose sum underflowed (all their logits more
+      than ~120 below the bound: math.md 2.1's caveat of a fixed shift) or is not finite get
+      the exact pass below. Forward matmul work 2 N M D instead of 4; the summation order of
+      the atomics varies from run to run (within fp32 rounding).
+    * "two": a second, column-parallel launch (``TRANS``), exact and deterministic, 2x the
+      forward matmul work. Also chosen when torch.use_deterministic_algorithms(True) is set.
+    """
+    raw = os.environ.get("TILECL_TRITON_COL_PASS", "atomic").strip().lower()
+    if raw not in ("atomic", "two"):
+        raise ValueError(f"TILECL_TRITON_COL_PASS must be atomic or two, got {raw!r}")
+    if torch.are_deterministic_algorithms_enabled():
+        return "two"
+    return raw
+
+
+def _row_norms(x) -> torch.Tensor:
+    """|x_i| [N] fp32, in row slices of at most 2 MiB of fp32 temporaries."""
+    n, d = x.shape
+    out = torch.empty(n, device=x.device, dtype=torch.float32)
+    step = max(1, (2 << 20) // (4 * max(d, 1)))
+    for r0 in range(0, n, step):
+        out[r0:r0 + step] = x[r0:r0 + step].detach().to(torch.float32).square().sum(1).sqrt()
+    return out
+
+
+def _col_references(spec: TileSpec, q, k, alpha, bias) -> torch.Tensor:
+    """cref [M] fp32 (see ``col_pass``): a bound on every x_ij of column j, minus 64."""
+    m = k.shape[0]
+    if spec.logit == "dist":  # x = -a d^g <= 0
+        return torch.full((m,), -64.0, device=k.device, dtype=torch.float32)
+    a = alpha.detach().to(device=q.device, dtype=torch.float32).abs()
+    top = (a * _row_norms(q)).max()  # max_i a_i |q_i|
+    ref = top * _row_norms(k) - 64.0
+    if bias is not None:
+        ref = ref + bias.detach().to(ref.device, torch.float32)
+    return ref
+
+
+def _bwd_stats(spec: TileSpec, stats, col, g_stats, g_col, n, dev):
+    """The backward kernels' statistics operands: row stats / dL/dstats [S, N] and the column
+    LSE / dL/dcol [M] (dummies where the spec has none), fp32 and contiguous."""
+    f32 = torch.float32
+    st = stats.detach().to(f32).contiguous()
+    gst = g_stats.detach().to(f32).contiguous()
+    if spec.col_lse:
+        cst = col.detach().to(f32).contiguous()
+        gc = g_col.detach().to(f32).contiguous()
+    else:
+        cst = gc = _dummy(dev, f32)
+    if st.shape[0] == 0:  # a spec with no row statistic (column LSE only)
+        st = gst = torch.zeros(1, n, device=dev, dtype=f32)
+    return st, gst, cst, gc
+
+
+def _launch_bwd(spec, flags, q, k, alpha, bias, aux, st, gst, cst, gc, out, gsum, gx, trans):
+    """One backward pass into ``out`` (fp32 [N, D] rows of q, or [M, D] columns of k with
+    ``trans``); q, k, alpha, aux, the statistics and gsum / gx are the slices this launch sees."""
+    ptrs, sizes, strides = _inputs(spec, q, k, alpha, bias, aux)
+    d = q.shape[1]
+    if trans:
+        def grid(meta):
+            return (triton.cdiv(k.shape[0], meta["BN"]), triton.cdiv(d, meta["BD"]))
+    else:
+        def grid(meta):
+            return (triton.cdiv(q.shape[0], meta["BM"]), triton.cdiv(d, meta["BD"]))
+    _lse._lse_bwd_kernel[grid](*ptrs, st, gst, cst, gc, out, gsum, gx, *sizes, *strides,
+                               st.stride(0), out.stride(0), out.stride(1), TRANS=trans, **flags)
+
+
+def _bwd_flags(spec, aux, bias):
+    flags = _flags(spec, aux, bias)
+    # gradient matmul of fp32 inputs at the same precision (16-bit: see tritonops.lse._grad_dot)
+    flags["PRECISION2"] = flags["PRECISION"]
+    flags["FWD_STATS"] = False
+    return flags
 
 
 def _backward_impl(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, g_stats,
@@ -195,28 +311,12 @@ def _backward_impl(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, 
     gx = torch.zeros(n, device=dev, dtype=f32)  # sum_j G_ij x_ij (distance logits)
     gsum = torch.zeros(n, device=dev, dtype=f32)  # sum_j G_ij (SigLIP bias)
     if rows or cols:
-        ptrs, sizes, strides = _inputs(spec, q, k, alpha, bias, aux)
-        flags = _flags(spec, aux, bias)
-        # gradient matmul of fp32 inputs at the same precision (16-bit: see tritonops.lse._grad_dot)
-        flags["PRECISION2"] = flags["PRECISION"]
-        st = stats.detach().to(f32).contiguous()
-        gst = g_stats.detach().to(f32).contiguous()
-        if spec.col_lse:
-            cst = col.detach().to(f32).contiguous()
-            gc = g_col.detach().to(f32).contiguous()
-        else:
-            cst = gc = _dummy(dev, f32)
-        if st.shape[0] == 0:  # a spec with no row statistic (column LSE only)
-            st = gst = torch.zeros(1, n, device=dev, dtype=f32)
-        common = (*ptrs, st, gst, cst, gc)
+        flags = _bwd_flags(spec, aux, bias)
+        st, gst, cst, gc = _bwd_stats(spec, stats, col, g_stats, g_col, n, dev)
         if rows:
-            _lse._lse_bwd_kernel[lambda meta: (triton.cdiv(n, meta["BM"]), triton.cdiv(d, meta["BD"]))](
-                *common, dq, gsum, gx, *sizes, *strides, st.stride(0), dq.stride(0), dq.stride(1),
-                TRANS=False, **flags)
+            _launch_bwd(spec, flags, q, k, alpha, bias, aux, st, gst, cst, gc, dq, gsum, gx, False)
         if cols:
-            _lse._lse_bwd_kernel[lambda meta: (triton.cdiv(m, meta["BN"]), triton.cdiv(d, meta["BD"]))](
-                *common, dk, gsum, gx, *sizes, *strides, st.stride(0), dk.stride(0), dk.stride(1),
-                TRANS=True, **flags)
+            _launch_bwd(spec, flags, q, k, alpha, bias, aux, st, gst, cst, gc, dk, gsum, gx, True)
     af = a.expand(n) if a.dim() == 0 else a
     if spec.logit == "dot":
         # dL/da_i = sum_j G_ij <q_i, k_j> = <q_i, dq_i> / a_i  (math.md 1.5)
@@ -339,3 +439,13 @@ def backward(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, g_stat
                              g_col if g_col is not None else empty, spec_to_str(spec),
                              [bool(x) for x in needs])
     return dq, dk, da, (db if bias is not None else None)
+
+
+# the memory-bounded backward with gradients in the inputs' dtypes (used by _autograd); it
+# builds on the launchers above, hence imported last
+from ._triton_backward import (  # noqa: E402,F401
+    backward_final,
+    finish_dq,
+    forward_with_dq,
+    workspace_bytes,
+)

@@ -1,0 +1,331 @@
+"""Memory-bounded backward of the triton backend, with gradients in the inputs' dtypes.
+
+The plain contract (``_triton_backend.backward``) returns fp32 dq [N, D] and dk [M, D], which
+``_autograd`` finishes (positive pair, rounding). For bf16 / fp16 inputs at N = M = 65536,
+D = 768 those two fp32 buffers are 384 MiB beyond the inputs and their gradients, and the
+finishing step's temporaries as much again (issue 3 allows 64 MiB in all). ``backward_final``
+runs the same two kernels over row chunks (dq pass) and column chunks (dk pass) into an fp32
+workspace of at most ``workspace_bytes()`` and finishes each chunk in fp32, in slices of at most
+2 MiB per temporary:
+
+* the positive pair's gradient (math.md 1.3: taken out of the tile loop, added in fp32 before the
+  rounding): dq_i += a_i g_i k_p(i) for the chunk's rows, dk_j += sum_{p(i) = j} a_i g_i q_i for
+  the chunk's columns (rows sorted by p once, one host sync);
+* dL/da_i = <q_i, dq_i> / a_i (dot logits) or sum_j G_ij x_ij / a_i (distance), math.md 1.5;
+* one set against itself (NT-Xent): dz = dq + dk for the same chunk of rows, summed in fp32;
+
+then rounds the chunk once into the gradient (input dtype). Each row's and column's fp32
+accumulation is the kernel's, whatever the chunk: the result is the generic path's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import List, Optional, Tuple
+
+import torch
+
+from . import _triton_backend as tb
+from ._spec import TileAux, TileSpec
+
+WORKSPACE_MB = 40.0  # default fp32 workspace; TILECL_TRITON_WORKSPACE_MB overrides it
+_GLUE_BYTES = 2 << 20  # one fp32 temporary of a chunk's finishing step
+
+
+def workspace_bytes() -> int:
+    """Bytes of the fp32 gradient workspace (``TILECL_TRITON_WORKSPACE_MB``, default 40 MiB)."""
+    raw = os.environ.get("TILECL_TRITON_WORKSPACE_MB")
+    if raw is None:
+        return int(WORKSPACE_MB * 2**20)
+    try:
+        mb = float(raw)
+    except ValueError:
+        mb = float("nan")
+    if not mb > 0:
+        raise ValueError(f"TILECL_TRITON_WORKSPACE_MB must be a positive number of MiB, got {raw!r}")
+    return max(1, int(mb * 2**20))
+
+
+def _spans(n: int, step: int):
+    return [(i, min(n, i + step)) for i in range(0, n, step)]
+
+
+def _rows_aux(aux: TileAux, r0: int, r1: int) -> TileAux:
+    """The side data of rows r0:r1 (columns unchanged)."""
+    def cut(t):
+        return None if t is None else t[r0:r1]
+    return dataclasses.replace(aux, excl=cut(aux.excl), pos=cut(aux.pos),
+                               labels_q=cut(aux.labels_q), weight=cut(aux.weight),
+                               wa=cut(aux.wa), thresh=cut(aux.thresh))
+
+
+def _cols_aux(aux: TileAux, c0: int, c1: int) -> TileAux:
+    """The side data of columns c0:c1: global column indices shift by c0."""
+    def cut(t):
+        return None if t is None else t[c0:c1]
+    return aux.with_columns(labels_k=cut(aux.labels_k), wb=cut(aux.wb),
+                            col_offset=int(aux.col_offset) + c0)
+
+
+def _final_impl(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, g_stats, g_col,
+                needs, pos, g_pos, single_set: bool):
+    """(dq in q.dtype or None, dk in k.dtype or None, dalpha fp32 like alpha, dbias fp32 0-dim
+    or None); pos [N] local column of each row's positive (or None), g_pos [N] its upstream."""
+    tb._check(q, k)
+    n, m, d = q.shape[0], k.shape[0], q.shape[1]
+    dev, f32 = q.device, torch.float32
+    a = alpha.detach().to(device=dev, dtype=f32)
+    af = a.expand(n) if a.dim() == 0 else a
+    need_q, need_k, need_a = bool(needs[0]), bool(needs[1]), bool(needs[2])
+    need_bias = bias is not None and spec.sigmoid and bool(needs[3])
+    launch = n > 0 and m > 0 and d > 0
+    rows = launch and (need_q or need_a or need_bias)
+    cols = launch and need_k
+    dot = spec.logit == "dot"
+    coef = None  # a_i dL/ds_pos_i of the positive logit s_pos_i = a_i <q_i, k_p(i)>
+    if pos is not None and g_pos is not None:
+        coef = g_pos.detach().to(f32) * af
+    gx = torch.zeros(n, device=dev, dtype=f32)  # sum_j G_ij x_ij (distance logits)
+    gsum = torch.zeros(n, device=dev, dtype=f32)  # sum_j G_ij (SigLIP bias)
+    da = torch.zeros(n, device=dev, dtype=f32)
+    if rows or cols:
+        flags = tb._bwd_flags(spec, aux, bias)
+        st, gst, cst, gc = tb._bwd_stats(spec, stats, col, g_stats, g_col, n, dev)
+    dq = torch.empty(q.shape, device=dev, dtype=q.dtype) if need_q else None
+    dk = torch.empty(k.shape, device=dev, dtype=k.dtype) if need_k and not single_set else None
+    nbuf = 2 if single_set and rows and cols else 1
+    step = max(1, workspace_bytes() // (4 * max(d, 1) * nbuf))
+    glue = max(1, _GLUE_BYTES // (4 * max(d, 1)))
+    col_spans = _spans(m, step)  # for one set (m = n) also its row chunks
+    # the workspace, allocated once: buffer 0 for the dq pass, the last one for the dk pass
+    space = [torch.empty(min(step, max(n, m)) * d, device=dev, dtype=f32) for _ in range(nbuf)]
+
+    def chunk(which, size, written):
+        """[size, D] fp32 of workspace buffer ``which``: zeros when no pass writes it, NaN under
+        the interpreter (an element the kernel misses fails the tests), else as it is."""
+        buf = space[which][:size * d].view(size, d)
+        if not written:
+            return buf.zero_()
+        return buf.fill_(float("nan")) if tb._configs.interpreting() else buf
+    cuts = None
+    if cols and coef is not None:  # rows grouped by their positive column, one host sync
+        order = torch.argsort(pos)
+        starts = torch.tensor([c0 for c0, _ in col_spans] + [m], device=dev, dtype=pos.dtype)
+        cuts = torch.searchsorted(pos[order], starts).tolist()
+
+    def row_block(r0, r1):
+        """fp32 dq of rows r0:r1 with the positive pair's term; their dalpha, gx and gsum."""
+        buf = chunk(0, r1 - r0, rows)
+        if rows:
+            al = alpha if alpha.dim() == 0 else alpha[r0:r1]
+            tb._launch_bwd(spec, flags, q[r0:r1], k, al, bias, _rows_aux(aux, r0, r1),
+                           st[:, r0:r1], gst[:, r0:r1], cst, gc, buf, gsum[r0:r1], gx[r0:r1],
+                           False)
+        for s0, s1 in _spans(r1 - r0, glue):
+            i0, i1 = r0 + s0, r0 + s1
+            kp = k[pos[i0:i1]].detach().to(f32) if coef is not None else None
+            if kp is not None:
+                buf[s0:s1].add_(coef[i0:i1, None] * kp)  # [S, D]
+            if need_a and (dot or kp is not None):
+                qf = q[i0:i1].detach().to(f32)
+                if dot:  # <q_i, dq_i> / a_i, the positive term included
+                    da[i0:i1] = (qf * buf[s0:s1]).sum(1) / af[i0:i1]
+                else:
+                    da[i0:i1] = g_pos[i0:i1].to(f32) * (qf * kp).sum(1)
+        return buf
+
+    def col_block(ci, c0, c1):
+        """fp32 dk of columns c0:c1 with the positive pairs that land there."""
+        buf = chunk(-1, c1 - c0, True)
+        c_st, c_g = (cst[c0:c1], gc[c0:c1]) if spec.col_lse else (cst, gc)
+        tb._launch_bwd(spec, flags, q, k[c0:c1], alpha, bias, _cols_aux(aux, c0, c1), st, gst,
+                       c_st, c_g, buf, gsum, gx, True)
+        if cuts is not None:
+            b0, b1 = cuts[ci], cuts[ci + 1]
+            for s0, s1 in _spans(b1 - b0, glue):
+                idx = order[b0 + s0:b0 + s1]
+                buf.index_add_(0, pos[idx] - c0, coef[idx, None] * q[idx].detach().to(f32))
+        return buf
+
+    if single_set:  # dz rows r0:r1 = dq rows + dk columns of the same chunk, rounded once
+        for ci, (r0, r1) in enumerate(col_spans):
+            out = row_block(r0, r1) if rows else None
+            if cols:
+                cb = col_block(ci, r0, r1)
+                out = cb if out is None else out.add_(cb)
+            if dq is None:
+                continue
+            if out is None:
+                dq[r0:r1].zero_()
+            else:
+                dq[r0:r1].copy_(out)
+    else:
+        for r0, r1 in _spans(n, step) if rows else []:
+            buf = row_block(r0, r1)
+            if dq is not None:
+                dq[r0:r1].copy_(buf)
+        if dq is not None and not rows:
+            dq.zero_()
+        if dk is not None:
+            if cols:
+                for ci, (c0, c1) in enumerate(col_spans):
+                    dk[c0:c1].copy_(col_block(ci, c0, c1))
+            else:
+                dk.zero_()
+    if not dot:
+        da = gx / af + da  # dx/da = x / a, plus the positive pair's term
+    da = da.sum() if alpha.dim() == 0 else da
+    db = None
+    if bias is not None:
+        db = gsum.sum() if spec.sigmoid else torch.zeros((), device=dev, dtype=f32)
+    return dq, dk, da, db
+
+
+def fuses_dq(spec: TileSpec) -> bool:
+    """Whether the forward can also run the dq pass: G_ij = g_i (sigmoid(x_ij) - Y_ij) of SigLIP
+    needs no row statistic (math.md 1.6, 2.2), only the upstream g_i, applied afterwards.
+    ``TILECL_TRITON_SIGLIP_FUSED=0`` turns it off (a backward run twice, retain_graph=True,
+    needs that: the fused path turns its saved buffer into dq in place)."""
+    if os.environ.get("TILECL_TRITON_SIGLIP_FUSED", "1").strip() == "0":
+        return False
+    return (spec.sigmoid and not spec.sums and not spec.lin and not spec.col_lse
+            and spec.logit == "dot" and not spec.topk)
+
+
+def _forward_dq_impl(spec: TileSpec, q, k, alpha, bias, aux: TileAux):
+    """SigLIP's forward and dq pass in one sweep (``FWD_STATS``), g = 1:
+    (stats [1, N] fp32, u [N, D] in q.dtype = dq(g = 1) / N, qdot [N] = <q_i, dq_i(g = 1)> fp32,
+    gsum [N] = sum_j G_ij(g = 1) fp32). u is stored divided by N so that under the mean over rows
+    (g_i = 1 / N) dq = u exactly and no 16-bit range is exceeded."""
+    tb._check(q, k)
+    n, m, d = q.shape[0], k.shape[0], q.shape[1]
+    dev, f32 = q.device, torch.float32
+    stats = torch.zeros(spec.n_stats, n, device=dev, dtype=f32)
+    u = torch.zeros(q.shape, device=dev, dtype=q.dtype)
+    qdot = torch.zeros(n, device=dev, dtype=f32)
+    gsum = torch.zeros(n, device=dev, dtype=f32)
+    if n == 0 or m == 0:
+        return stats, u, qdot, gsum
+    flags = dict(tb._bwd_flags(spec, aux, bias), FWD_STATS=True)
+    ones = torch.ones(spec.n_stats, n, device=dev, dtype=f32)
+    cst = gc = tb._dummy(dev, f32)
+    step = max(1, workspace_bytes() // (4 * d))
+    glue = max(1, _GLUE_BYTES // (4 * d))
+    space = torch.empty(min(step, n) * d, device=dev, dtype=f32)
+    for r0, r1 in _spans(n, step):
+        buf = space[:(r1 - r0) * d].view(r1 - r0, d)
+        if tb._configs.interpreting():
+            buf.fill_(float("nan"))
+        al = alpha if alpha.dim() == 0 else alpha[r0:r1]
+        tb._launch_bwd(spec, flags, q[r0:r1], k, al, bias, _rows_aux(aux, r0, r1),
+                       stats[:, r0:r1], ones[:, r0:r1], cst, gc, buf, gsum[r0:r1], cst, False)
+        for s0, s1 in _spans(r1 - r0, glue):
+            i0, i1 = r0 + s0, r0 + s1
+            qdot[i0:i1] = (q[i0:i1].detach().to(f32) * buf[s0:s1]).sum(1)  # [S, D] -> [S]
+            u[i0:i1] = buf[s0:s1] * (1.0 / n)
+    return stats, u, qdot, gsum
+
+
+def finish_dq(u, qdot, gsum, g, alpha, bias, needs):
+    """dq, dalpha, dbias of the fused SigLIP path from the upstream g [N] of the softplus sums:
+    dq_i = g_i dq_i(g = 1) = (g_i N) u_i, in place on u, in slices of at most 2 MiB of fp32;
+    dalpha_i = g_i <q_i, dq_i(1)> / a_i; dbias = sum_i g_i gsum_i (math.md 1.5, 2.2)."""
+    n, d = u.shape
+    f32 = torch.float32
+    g = g.detach().to(f32)
+    dq = None
+    if needs[0]:
+        f = g * n
+        glue = max(1, _GLUE_BYTES // (4 * max(d, 1)))
+        for r0, r1 in _spans(n, glue):
+            u[r0:r1] = u[r0:r1].to(f32) * f[r0:r1, None]
+        dq = u
+    a = alpha.detach().to(device=u.device, dtype=f32)
+    da = g * qdot / (a.expand(n) if a.dim() == 0 else a)
+    da = da.sum() if alpha.dim() == 0 else da
+    db = (g * gsum).sum() if bias is not None else None
+    return dq, da, db
+
+
+_HAS_CUSTOM_OP = tb._HAS_CUSTOM_OP
+
+if _HAS_CUSTOM_OP:
+    _T = torch.Tensor
+    _OT = Optional[torch.Tensor]
+
+    @torch.library.custom_op("tilecl::triton_tile_bwd_final", mutates_args=())
+    def _final_op(q: _T, k: _T, alpha: _T, bias: _OT, excl: _OT, pos_aux: _OT, labels_q: _OT,
+                  labels_k: _OT, weight: _OT, wa: _OT, wb: _OT, thresh: _OT, col_offset: int,
+                  stats: _T, col: _T, g_stats: _T, g_col: _T, spec: str, needs: List[bool],
+                  pos: _OT, g_pos: _OT, single_set: bool) -> Tuple[_T, _T, _T, _T]:
+        """(dq [N, D] or [0], dk [M, D] or [0] in the inputs' dtypes, dalpha, dbias fp32)."""
+        sp = tb.spec_from_str(spec)
+        aux = tb._aux_from(excl, pos_aux, labels_q, labels_k, weight, wa, wb, thresh, col_offset)
+        has_col = sp.col_lse
+        dq, dk, da, db = _final_impl(sp, q, k, alpha, bias, aux, stats,
+                                     col if has_col else None, g_stats,
+                                     g_col if has_col else None, tuple(needs), pos, g_pos,
+                                     single_set)
+        return (dq if dq is not None else q.new_empty(0), dk if dk is not None else k.new_empty(0),
+                da, db if db is not None else da.new_zeros(()))
+
+    @torch.library.custom_op("tilecl::triton_sig_fwd_dq", mutates_args=())
+    def _fwd_dq_op(q: _T, k: _T, alpha: _T, bias: _OT, excl: _OT, pos_aux: _OT, labels_q: _OT,
+                   labels_k: _OT, weight: _OT, wa: _OT, wb: _OT, thresh: _OT, col_offset: int,
+                   spec: str) -> Tuple[_T, _T, _T, _T]:
+        """(stats [1, N], u [N, D] q.dtype, qdot [N], gsum [N]) of ``_forward_dq_impl``."""
+        sp = tb.spec_from_str(spec)
+        aux = tb._aux_from(excl, pos_aux, labels_q, labels_k, weight, wa, wb, thresh, col_offset)
+        return _forward_dq_impl(sp, q, k, alpha, bias, aux)
+
+    @_fwd_dq_op.register_fake
+    def _(q, k, alpha, bias, excl, pos_aux, labels_q, labels_k, weight, wa, wb, thresh,
+          col_offset, spec):
+        n, f32 = q.shape[0], torch.float32
+        return (q.new_empty((tb.spec_from_str(spec).n_stats, n), dtype=f32), q.new_empty(q.shape),
+                q.new_empty((n,), dtype=f32), q.new_empty((n,), dtype=f32))
+
+    @_final_op.register_fake
+    def _(q, k, alpha, bias, excl, pos_aux, labels_q, labels_k, weight, wa, wb, thresh,
+          col_offset, stats, col, g_stats, g_col, spec, needs, pos, g_pos, single_set):
+        f32 = torch.float32
+        return (q.new_empty(q.shape if needs[0] else (0,)),
+                k.new_empty(k.shape if needs[1] and not single_set else (0,)),
+                alpha.new_empty(alpha.shape, dtype=f32), q.new_empty((), dtype=f32))
+
+
+def backward_final(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, g_stats, g_col,
+                   needs, pos=None, g_pos=None, single_set=False):
+    """(dq, dk, dalpha, dbias) with dq / dk in the inputs' dtypes (None where not needed; dk is
+    None for one set, whose dq is dz), or None for float64 inputs (the generic path).
+
+    Everything ``_autograd.TileStatsFunction.backward`` does after the plain backward (positive
+    pair, dz = dq + dk, rounding) happens here, chunk by chunk, in at most
+    ``workspace_bytes()`` of fp32 scratch plus 2 MiB temporaries and O(N + M).
+    """
+    if q.dtype == torch.float64:
+        return None
+    needs = tuple(bool(x) for x in needs)
+    if not _HAS_CUSTOM_OP:
+        return _final_impl(spec, q, k, alpha, bias, aux, stats, col, g_stats, g_col, needs, pos,
+                           g_pos, single_set)
+    empty = stats.new_zeros(0)
+    dq, dk, da, db = _final_op(q, k, alpha, bias, *tb._aux_args(aux), stats,
+                               col if col is not None else empty, g_stats,
+                               g_col if g_col is not None else empty, tb.spec_to_str(spec),
+                               list(needs), pos, g_pos, bool(single_set))
+    return (dq if needs[0] else None, dk if needs[1] and not single_set else None, da,
+            db if bias is not None else None)
+
+
+def forward_with_dq(spec: TileSpec, q, k, alpha, bias, aux: TileAux):
+    """(stats, (u, qdot, gsum)) when the forward can run the dq pass too (``fuses_dq``), else
+    None; ``finish_dq`` turns the saved triple into dq, dalpha, dbias once g is known."""
+    if q.dtype == torch.float64 or q.shape[1] == 0 or not fuses_dq(spec):
+        return None
+    if not _HAS_CUSTOM_OP:
+        stats, *saved = _forward_dq_impl(spec, q, k, alpha, bias, aux)
+    else:
+        stats, *saved = _fwd_dq_op(q, k, alpha, bias, *tb._aux_args(aux), tb.spec_to_str(spec))
+    return stats, tuple(saved)

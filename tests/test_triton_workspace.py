@@ -1,0 +1,289 @@
+"""The triton backend's memory-bounded backward (``_triton_backward.backward_final``): every loss
+with the fp32 gradient workspace cut to a few rows (many row and column chunks, ragged last
+chunk), against the float64 reference; and its peak memory, counted tensor by tensor, against
+the workspace bound and against the unchunked fp32 path (which it must beat).
+
+Runs the Triton kernels under TRITON_INTERPRET=1 (set by conftest when no GPU is present).
+"""
+
+import pytest
+import torch
+from test_parity import LOW, _as
+
+from tilecl import _triton_backend as tb
+from tilecl import _triton_backward as tbw
+from tilecl._autograd import _add_positive
+from tilecl._spec import SumSpec, TileAux, TileSpec
+from tilecl.memtrack import PeakTensorBytes
+
+from cases import CASES, run
+from conftest import assert_rel
+
+pytestmark = pytest.mark.skipif(tb.unavailable("cpu") is not None,
+                                reason="the triton backend cannot run on the CPU here")
+
+N, D = 37, 20  # chunks of 6 rows: 7 chunks, the last one ragged; D not a multiple of BK
+
+
+@pytest.fixture
+def tiny_workspace(monkeypatch):
+    """A workspace of 6 fp32 rows of width D (3 per buffer for one set against itself)."""
+    monkeypatch.setenv("TILECL_TRITON_WORKSPACE_MB", repr(6 * D * 4 / 2**20))
+    assert tbw.workspace_bytes() // (4 * D) == 6
+
+
+def _triton_cases():
+    for case in CASES:
+        if case.backends and "triton" not in case.backends:
+            continue
+        if N < case.min_n:
+            continue
+        for red in (["mean", "none"] if case.rows else ["mean"]):
+            yield pytest.param(case, red, id=f"{case.name}-{red}")
+
+
+@pytest.mark.parametrize("case,reduction", list(_triton_cases()))
+def test_chunked_fp32_matches_reference(tiny_workspace, case, reduction):
+    diff, const = case.make(N, D, torch.float32)
+    ref_loss, ref_grads = run(case, "reference", reduction, [x.double() for x in diff],
+                              {k: _as(v, torch.float64) for k, v in const.items()})
+    loss, grads = run(case, "triton", reduction, diff, const)
+    assert_rel(loss, ref_loss, 1e-5 * max(1.0, 1.0 / max(abs(ref_loss).max().item(), 1e-30)),
+               f"{case.name} loss")
+    for i, (g, r) in enumerate(zip(grads, ref_grads)):
+        assert g.dtype == diff[i].dtype
+        assert_rel(g, r, 1e-5, f"{case.name} grad of input {i}")
+
+
+@pytest.mark.parametrize("name", ["clip", "info_nce_perm", "nt_xent", "siglip", "supcon_out"])
+def test_chunked_fp16_no_worse_than_pytorch(tiny_workspace, name):
+    case = next(c for c in CASES if c.name == name)
+    dtype = torch.float16
+    diff, const = case.make(N, D, dtype)
+    truth = run(case, "reference", "mean", [x.double() for x in diff],
+                {k: _as(v, torch.float64) for k, v in const.items()})
+    own = run(case, "reference", "mean", diff, const)
+    ours = run(case, "triton", "mean", diff, const)
+    for i, (g, o, t) in enumerate(zip(ours[1], own[1], truth[1])):
+        assert g.dtype == diff[i].dtype
+        scale = t.abs().max().item() + 1e-30
+        err = (g.double() - t).abs().max().item() / scale
+        own_err = (o.double() - t).abs().max().item() / scale
+        assert err <= 2 * own_err + LOW[dtype] / 4, f"{name} grad {i}: {err} vs PyTorch {own_err}"
+
+
+def _clip_problem(n, d, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1).to(dtype)
+    k = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1).to(dtype)
+    spec = TileSpec(positive="index", sums=(SumSpec(),), col_lse=True)
+    pos = torch.arange(n)
+    aux = TileAux(pos=pos)
+    alpha = torch.tensor(10.0)
+    stats, col = tb._forward_impl(spec, q, k, alpha, None, aux)
+    g_stats = torch.full_like(stats, 0.5 / n)
+    g_col = torch.full_like(col, 0.5 / n)
+    g_pos = torch.full((n,), -1.0 / n)
+    return spec, q, k, alpha, aux, stats, col, g_stats, g_col, pos, g_pos
+
+
+def _generic(spec, q, k, alpha, aux, stats, col, g_stats, g_col, pos, g_pos):
+    """What _autograd does with a backend without backward_final: fp32 dq / dk, then finish."""
+    needs = (True, True, True, False)
+    dq, dk, da, _ = tb._backward_impl(spec, q, k, alpha, None, aux, stats, col, g_stats, g_col,
+                                      needs)
+    dq, dk, da = _add_positive(q, k, alpha, pos, g_pos, dq, dk, da, needs, torch.float32)
+    return dq.to(q.dtype), dk.to(k.dtype), da
+
+
+def test_chunked_equals_unchunked_clip(monkeypatch):
+    """Same gradients as the generic path (fp32 accumulation is per row / column, whatever the
+    chunk), for several workspace sizes."""
+    args = _clip_problem(70, 24, torch.float32)
+    want = _generic(*args)
+    for rows in (1, 7, 33, 70, 1000):
+        monkeypatch.setenv("TILECL_TRITON_WORKSPACE_MB", repr(rows * 24 * 4 / 2**20))
+        dq, dk, da, _ = tbw._final_impl(*args[:4], None, *args[4:9], (True, True, True, False),
+                                        args[9], args[10], False)
+        for got, ref in zip((dq, dk, da), want):
+            assert_rel(got, ref, 2e-6, f"workspace of {rows} rows")
+
+
+def test_peak_memory_bounded_by_workspace(monkeypatch):
+    """fp16 CLIP, N = 256, D = 64: the generic path holds fp32 dq and dk (2 x 64 KiB) and their
+    finishing temporaries; backward_final holds one workspace (here 16 rows = 4 KiB), 2 MiB-capped
+    temporaries (here smaller than one chunk) and O(N) vectors, beyond its fp16 outputs."""
+    n, d = 256, 64
+    args = _clip_problem(n, d, torch.float16)
+    ws = 16 * d * 4
+    monkeypatch.setenv("TILECL_TRITON_WORKSPACE_MB", repr(ws / 2**20))
+
+    def launch(spec, flags, q, k, alpha, bias, aux, st, gst, cst, gc, out, gsum, gx, trans):
+        out.fill_(0.25)  # the interpreter copies every argument: count the driver's tensors only
+
+    monkeypatch.setattr(tb, "_launch_bwd", launch)
+    with PeakTensorBytes() as final:
+        out = tbw._final_impl(*args[:4], None, *args[4:9], (True, True, True, False), args[9],
+                              args[10], False)
+    with PeakTensorBytes() as generic:
+        ref = _generic(*args)
+    grads = 2 * n * d * 2  # dq and dk in fp16: the gradients themselves
+    o_n = 64 * n * 4  # a generous allowance for [N] fp32 / int64 vectors (stats, sort, coef ...)
+    # a chunk's finishing step: the gathered fp16 rows, their fp32 copy, the product, q in fp32
+    glue = 4 * 16 * d * 4
+    assert final.peak <= grads + ws + glue + o_n, (final.peak, grads, ws)
+    assert generic.peak >= grads + 2 * n * d * 4  # fp32 dq and dk: the test can tell them apart
+    assert final.peak < generic.peak
+    for got, want in zip(out[:3], ref):
+        assert_rel(got.float(), want.float(), 1e-3, "the same (stand-in) gradients")
+
+
+@pytest.mark.skipif(not hasattr(torch.library, "opcheck"), reason="torch < 2.4")
+@pytest.mark.parametrize("single_set", [False, True])
+def test_final_op_opcheck(single_set):
+    """tilecl::triton_tile_bwd_final: schema, fake implementation (output shapes and dtypes for
+    every ``needs`` pattern), dispatch."""
+    spec, q, k, alpha, aux, stats, col, g_stats, g_col, pos, g_pos = _clip_problem(
+        19, 24, torch.float16)
+    if single_set:
+        k = q
+    for needs in ([True, True, True, False], [False, True, False, False], [True, False, True, False]):
+        torch.library.opcheck(torch.ops.tilecl.triton_tile_bwd_final.default,
+                              (q, k, alpha, None, *tb._aux_args(aux), stats, col, g_stats, g_col,
+                               tb.spec_to_str(spec), needs, pos, g_pos, single_set))
+
+
+class _StubKernel:
+    """Stands in for a Triton kernel: ``kernel[grid](*args, **meta)`` fills its outputs with a
+    constant (the interpreter would copy every argument, and take hours at this size)."""
+
+    def __init__(self, outputs):
+        self.outputs = outputs  # meta -> positions of the output arguments
+
+    def __getitem__(self, grid):
+        def launch(*args, **meta):
+            for i in self.outputs(meta):
+                args[i].fill_(0.5)
+        return launch
+
+
+class _StubLse:
+    # forward: (12 input pointers, stats, col, top values, top indices, ...); the row pass
+    # writes stats (12), the column pass (TRANS) the column LSE (13). backward: out is 16.
+    _lse_fwd_kernel = _StubKernel(lambda meta: (13,) if meta["TRANS"] else (12,))
+    _lse_bwd_kernel = _StubKernel(lambda meta: (16,))
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip", "nt_xent"])
+def test_extra_memory_at_65536_under_64_mib(monkeypatch, name):
+    """Issue 3's memory target, on the driver with the kernels stubbed (they allocate nothing):
+    symmetric CLIP / SigLIP / NT-Xent, bf16, N = M = 65536, D = 768, forward + backward at the
+    default workspace: at most 64 MiB beyond the inputs and their gradients."""
+    import tilecl
+
+    monkeypatch.delenv("TILECL_TRITON_WORKSPACE_MB", raising=False)
+    monkeypatch.setattr(tb, "_lse", _StubLse)
+    # call the implementations directly: a dispatch mode sees a custom op's outputs, not the
+    # tensors its implementation allocates and frees
+    monkeypatch.setattr(tb, "_HAS_CUSTOM_OP", False)
+    monkeypatch.setattr(tbw, "_HAS_CUSTOM_OP", False)
+    n, d = 65536, 768
+    rows = n // 2 if name == "nt_xent" else n  # NT-Xent: 2 x 32768 views = 65536 anchors
+    q = torch.full((rows, d), 0.03, dtype=torch.bfloat16).requires_grad_()
+    k = torch.full((rows, d), 0.03, dtype=torch.bfloat16).requires_grad_()
+    call = {
+        "clip": lambda: tilecl.clip_loss(q, k, 10.0, backend="triton"),
+        "siglip": lambda: tilecl.siglip_loss(q, k, 10.0, -10.0, backend="triton"),
+        "nt_xent": lambda: tilecl.nt_xent(q, k, backend="triton"),
+    }[name]
+    with PeakTensorBytes() as mode:
+        call().backward()
+    grads = 2 * rows * d * 2
+    if name == "nt_xent":  # it concatenates its two views into z [2N, D]: one input-sized copy
+        grads += 2 * rows * d * 2
+    extra = mode.peak - grads
+    print(f"{name}: {extra / 2**20:.1f} MiB beyond inputs and gradients")
+    assert q.grad is not None and k.grad is not None
+    assert extra <= 64 * 2**20, f"{name}: {extra / 2**20:.1f} MiB beyond inputs and gradients"
+
+
+def _spy_launches(monkeypatch):
+    """Record (kernel, TRANS, FWD_STATS) of every launch of the real kernels."""
+    log = []
+
+    class Spy:
+        def __init__(self, name, real):
+            self.name, self.real = name, real
+
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                log.append((self.name, meta.get("TRANS"), meta.get("FWD_STATS", False)))
+                return self.real[grid](*args, **meta)
+            return launch
+
+    class Lse:
+        _lse_fwd_kernel = Spy("fwd", tb._lse._lse_fwd_kernel)
+        _lse_bwd_kernel = Spy("bwd", tb._lse._lse_bwd_kernel)
+
+    monkeypatch.setattr(tb, "_lse", Lse)
+    return log
+
+
+@pytest.mark.parametrize("labels", [False, True])
+def test_siglip_forward_runs_the_dq_pass(monkeypatch, labels):
+    """SigLIP on triton: the forward is one sweep that also writes dq (FWD_STATS), the backward
+    only the dk pass; loss and every gradient as with the fused path off and as the reference."""
+    import tilecl
+
+    gen = torch.Generator().manual_seed(5)
+    n, m, d = 21, 26, 24
+    x = torch.nn.functional.normalize(torch.randn(n, d, generator=gen), dim=1)
+    t = torch.nn.functional.normalize(torch.randn(m, d, generator=gen), dim=1)
+    lab = torch.randint(0, 4, (n,), generator=gen) if labels else None
+    tlab = torch.randint(0, 4, (m,), generator=gen) if labels else None
+    if not labels:
+        t = t[:n]
+
+    def run(backend, dtype=torch.float64):
+        leaves = [v.detach().to(dtype).requires_grad_() for v in (x, t)]
+        ls = [torch.tensor(v, dtype=dtype, requires_grad=True) for v in (8.0, -3.0)]
+        loss = tilecl.siglip_loss(*leaves, *ls, labels=lab, text_labels=tlab, reduction="none",
+                                  backend=backend)
+        (loss * torch.linspace(0.5, 1.5, loss.shape[0], dtype=dtype)).sum().backward()
+        return [loss] + [v.grad for v in leaves + ls]
+
+    ref = run("reference")
+    log = _spy_launches(monkeypatch)
+    fused = run("triton", torch.float32)
+    assert log == [("bwd", False, True), ("bwd", True, False)], log
+    monkeypatch.setenv("TILECL_TRITON_SIGLIP_FUSED", "0")
+    log.clear()
+    plain = run("triton", torch.float32)
+    assert log == [("fwd", False, False), ("bwd", False, False), ("bwd", True, False)], log
+    for i, (a, b, r) in enumerate(zip(fused, plain, ref)):
+        assert_rel(a, r, 1e-5, f"output {i} (fused) vs reference")
+        assert_rel(a, b, 1e-5, f"output {i}: fused vs not")
+
+
+def test_siglip_fused_without_gradients_and_twice(monkeypatch):
+    """No gradient wanted: the plain forward. retain_graph: the fused path consumed its buffer,
+    a second backward says so and how to avoid it; with TILECL_TRITON_SIGLIP_FUSED=0 it works."""
+    import tilecl
+
+    log = _spy_launches(monkeypatch)
+    x = torch.nn.functional.normalize(torch.randn(9, 16), dim=1)
+    with torch.no_grad():
+        tilecl.siglip_loss(x, x.flip(0), 10.0, -10.0, backend="triton")
+    assert log == [("fwd", False, False)]
+    xr = x.clone().requires_grad_()
+    loss = tilecl.siglip_loss(xr, x.flip(0), 10.0, -10.0, backend="triton")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="TILECL_TRITON_SIGLIP_FUSED=0"):
+        loss.backward()
+    monkeypatch.setenv("TILECL_TRITON_SIGLIP_FUSED", "0")
+    xr.grad = None
+    loss = tilecl.siglip_loss(xr, x.flip(0), 10.0, -10.0, backend="triton")
+    loss.backward(retain_graph=True)
+    first = xr.grad.clone()
+    loss.backward()
+    assert_rel(xr.grad, 2 * first, 1e-6, "second backward")
