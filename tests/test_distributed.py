@@ -41,6 +41,17 @@ CASES = [
 DIRECT = ["direct_lowrank", "direct_col", "direct_bf16"]  # ring_tile_stats itself, also on a one-rank ring
 TOLS = {"bf16_clip": 3e-2, "direct_bf16": 2e-2}  # bf16 inputs and transfers vs the float64 reference
 
+# The other tile backends through the same ring: native in float64 (its own float64 kernels),
+# triton in fp32 under the interpreter (float64 would go to the torch backend), vs the float64
+# reference. Each backend / world is one more launch of the workers, on this subset of CASES.
+BACKEND_CASES = [
+    "info_nce", "info_nce_extra_keys", "info_nce_none", "clip_loss", "siglip", "siglip_labels",
+    "nt_xent", "supcon_out", "supcon_in", "hcl", "kernel_info_nce", "zero_clip", "zero_siglip",
+    "info_nce_fn", "info_nce_topk", "cclk_weaklysup", "direct_lowrank", "direct_col",
+]
+BACKEND_RUNS = {"native": (torch.float64, (2, 3), TOL), "triton": (torch.float32, (2,), 5e-5)}
+BACKEND, DTYPE = "torch", torch.float64  # what the ring runs in this worker (set by _worker)
+
 
 # ---- worker side ------------------------------------------------------------------------------
 
@@ -78,8 +89,8 @@ class _Ctx:
         g = {k: v.clone().requires_grad_() for k, v in inputs.items()}
         gp = {k: v.clone().requires_grad_() for k, v in params.items()}
         ref = ref_fn(**g, **gp)
-        loc = {k: v[sl[k]].clone().requires_grad_() for k, v in inputs.items()}
-        lp = {k: v.clone().requires_grad_() for k, v in params.items()}
+        loc = {k: v[sl[k]].to(DTYPE).requires_grad_() for k, v in inputs.items()}
+        lp = {k: v.to(DTYPE).requires_grad_() for k, v in params.items()}
         out = ring_fn(**loc, **lp)
         if none_weights is not None:  # reduction="none": objective sum_i w_i rows_i, no W factor
             (none_weights * ref).sum().backward()
@@ -114,7 +125,7 @@ def _case(name, c: _Ctx):  # noqa: C901  (one branch per loss)
     n = sum(sizes)
     sl = _slices(sizes)[r]
     tau = _p(0.3)
-    ring = dict(backend="torch", group=grp)
+    ring = dict(backend=BACKEND, group=grp)
     two = {"z1": _gen(1, n, D), "z2": _gen(2, n, D)}
     two_sl = {"z1": sl, "z2": sl}
 
@@ -378,8 +389,8 @@ def _direct(name, c: _Ctx):
     Q, K, A = (t.clone().requires_grad_() for t in (q, k, a))
     stats, col, _ = tile_stats(spec, Q, K, A, None, g_aux, "torch")
     ((gs * stats).sum() + (gc * col).sum() if spec.col_lse else (gs * stats).sum()).backward()
-    ql, kl, al = (t.clone().requires_grad_() for t in (q[sl], k[ksl], a[sl]))
-    st, cl = distributed.ring_tile_stats(spec, ql, kl, al, None, l_aux, "torch", c.group)
+    ql, kl, al = (t.to(DTYPE).requires_grad_() for t in (q[sl], k[ksl], a[sl]))
+    st, cl = distributed.ring_tile_stats(spec, ql, kl, al, None, l_aux, BACKEND, c.group)
     obj = (gs[:, sl] * st).sum() + ((gc[ksl] * cl).sum() if spec.col_lse else 0.0)
     obj.backward()
 
@@ -511,7 +522,14 @@ def _dead_rank(rank, world, out_dir):
 
 
 def _worker(rank, world, rdv, out_dir, mode="cases"):
+    """mode: "cases" (torch backend, CASES), "dead" (a rank dies), or a backend name
+    (BACKEND_CASES through that backend, in the dtype of BACKEND_RUNS)."""
     import torch.distributed as dist
+
+    global BACKEND, DTYPE
+    names = CASES if world > 1 else DIRECT
+    if mode in BACKEND_RUNS:
+        BACKEND, DTYPE, names = mode, BACKEND_RUNS[mode][0], BACKEND_CASES
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{rdv}", rank=rank, world_size=world,
@@ -522,7 +540,7 @@ def _worker(rank, world, rdv, out_dir, mode="cases"):
     group = dist.new_group(list(range(world))) if world >= 3 else dist.group.WORLD
     c = _Ctx(rank, world, group)
     results = {}
-    for name in CASES if world > 1 else DIRECT:
+    for name in names:
         try:
             results[name] = _case(name, c)
         except Exception as exc:  # recorded, reported by the test of this case
@@ -596,6 +614,44 @@ def test_ring_matches_reference(world, case, dist_results):
         assert got is not None, f"rank {rank}: case {case} did not run"
         assert "error" not in got, f"rank {rank}: {got['error']}"
         tol = TOLS.get(case, TOL)
+        bad = {k: v for k, v in got.items() if not v <= tol}
+        assert not bad, f"rank {rank}: errors above {tol}: {bad}"
+
+
+def _backend_params():
+    for backend, (_, worlds, _) in BACKEND_RUNS.items():
+        for world in worlds:
+            for case in BACKEND_CASES:
+                yield pytest.param(backend, world, case, id=f"{backend}-W{world}-{case}")
+
+
+@pytest.fixture(scope="module")
+def backend_results(tmp_path_factory):
+    cache = {}
+
+    def get(backend, world):
+        from tilecl._backends import unavailable_reason
+
+        why = unavailable_reason(backend, torch.device("cpu"))
+        if why is not None:
+            pytest.skip(f"{backend} cannot run on this CPU: {why}")
+        if (backend, world) not in cache:
+            tmp = str(tmp_path_factory.mktemp(f"ring_{backend}{world}"))
+            cache[backend, world] = _launch(world, tmp, mode=backend)
+        return cache[backend, world]
+
+    return get
+
+
+@pytest.mark.parametrize("backend,world,case", list(_backend_params()))
+def test_ring_other_backends(backend, world, case, backend_results):
+    """The ring with the native and triton kernels computing the blocks (visiting column blocks
+    with their global offsets, labels, low-rank factors, column LSE, thresholds, top-k)."""
+    tol = BACKEND_RUNS[backend][2]
+    for rank, res in enumerate(backend_results(backend, world)):
+        got = res.get(case)
+        assert got is not None, f"rank {rank}: case {case} did not run"
+        assert "error" not in got, f"rank {rank}: {got['error']}"
         bad = {k: v for k, v in got.items() if not v <= tol}
         assert not bad, f"rank {rank}: errors above {tol}: {bad}"
 
