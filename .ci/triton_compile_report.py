@@ -188,8 +188,14 @@ def main():
                     help="compile this forward config instead of the default")
     ap.add_argument("--bwd", type=_config, default=None, metavar="BM,BN,BK,BD,WARPS,STAGES",
                     help="compile this backward config instead of the default")
+    ap.add_argument("--all-configs", type=int, default=None, metavar="D",
+                    help="compile every autotune candidate the prune keeps at this D (sm_90 "
+                         "shared memory) instead of the default configs: what the register "
+                         "budgets of tritonops/configs.py were read from")
     args = ap.parse_args()
     print(f"triton {triton.__version__}; ptxas {_tool('ptxas')}")
+    if args.all_configs:
+        return all_configs(args)
     hdr = (f"{'flags':7} {'pass':9} {'sm':>3} {'dtype':5} {'regs':>4} {'spill st/ld':>11} "
            f"{'smem':>6}  tensor cores")
     print(hdr)
@@ -224,6 +230,38 @@ def main():
     print(f"configs: fwd {args.fwd or configs.DEFAULT_FWD}; bwd {args.bwd or configs.DEFAULT_BWD}")
     print(f"{failed} failed, {warn} warnings (spills or no tensor-core instructions)")
     return 1 if failed else 0
+
+
+class _Elt:  # what the prune reads of q: its element size (16-bit inputs)
+    @staticmethod
+    def element_size():
+        return 2
+
+
+def all_configs(args):
+    """One line per (flag set, pass, candidate config): registers, spills, tensor cores."""
+    configs._smem_limit = lambda *a: configs._SMEM[90]
+    spilled = 0
+    for fname in args.flags:
+        flags = FLAG_SETS[fname]
+        for pname, kernel, backward, trans in PASSES:
+            if (pname == "fwd cols" and not flags.get("COL_LSE")) or (
+                    flags.get("TOPK") and pname != "fwd rows"):
+                continue
+            cands = configs.bwd_configs() if backward else configs.fwd_configs()
+            kept = configs._prune(backward)(cands, {"D": args.all_configs, "q_ptr": _Elt()},
+                                            TRANS=trans, **flags)
+            for c in kept:
+                cfg = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+                for cc in args.cc:
+                    r = compile_one(kernel, backward, trans, args.dtype[0], cc, flags, cfg)
+                    spills = r["spill_st"] + r["spill_ld"]
+                    spilled += spills > 0
+                    tc = "wgmma" if r["ptx_wgmma"] else ("mma" if r["ptx_mma"] else "NONE")
+                    print(f"{fname:7} {pname:9} {cc:>3} {r['cfg']:58} {r['regs']:>4} "
+                          f"{r['spill_st']:>5}/{r['spill_ld']:<5} {tc}", flush=True)
+    print(f"{spilled} candidate compilations spill")
+    return 0
 
 
 if __name__ == "__main__":

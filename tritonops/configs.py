@@ -75,6 +75,19 @@ def smem_bytes(cfg: dict, elt: int, backward: bool, trans: bool = False) -> int:
     return b
 
 
+# Register estimates that keep the candidates free of spills, read off ptxas for every candidate
+# at D = 768, bf16, sm_90 (`.ci/triton_compile_report.py --all-configs 768`, 2026-12-01; sm_80
+# alike): the forward spills once a [BM, BN] fp32 tile needs more than 64 registers per thread
+# (128 x 128 on 4 warps); the backward once its fp32 gradient block (acc_rows x BD) plus twice a
+# tile (x, G / H live together) exceeds 128 per thread (96 with SigLIP's fused forward, which
+# keeps the softplus sums live too). Of the 25 backward candidates this keeps 12 for dq (none
+# spills), 12 for dk and 9 for SigLIP's fused dq (two each with small spills, <= 32 bytes), where
+# 10-16 spilled (up to 3 KB); it drops 2 that did not spill (narrow tiles without wgmma). Of the
+# 28 forward candidates it keeps 24, one with a 24-byte spill in the column pass.
+REG_BUDGET = 128
+REG_BUDGET_FUSED = 96
+
+
 def _prune(backward: bool):
     def prune(configs, named_args, **kwargs):
         d = named_args["D"]
@@ -83,20 +96,25 @@ def _prune(backward: bool):
         dpow = triton.next_power_of_2(max(int(d), 16))
         trans = bool(kwargs.get("TRANS", False))
         topk = int(kwargs.get("TOPK", 0)) > 0
+        budget = REG_BUDGET_FUSED if kwargs.get("FWD_STATS") else REG_BUDGET
         keep = []
         for c in configs:
             kw = dict(c.kwargs, num_stages=c.num_stages)
-            if kw["BK"] > max(dpow, 32):
+            if kw["BK"] > max(dpow, 64 if backward else 32):  # (backward candidates: BK = 64)
                 continue
+            threads = 32 * c.num_warps
+            tile = kw["BM"] * kw["BN"] / threads  # fp32 registers per thread of one tile
             # top-k keeps the tile's packed int64 keys live: at most 32 tile entries per thread
-            if topk and kw["BM"] * kw["BN"] > 32 * 32 * c.num_warps:
+            if topk and tile > 32:
                 continue
             if backward:
                 acc_rows = kw["BN"] if trans else kw["BM"]
-                if kw["BD"] > max(dpow, 64) or acc_rows * kw["BD"] > 128 * 32 * c.num_warps:
+                if kw["BD"] > max(dpow, 64) or acc_rows * kw["BD"] / threads + 2 * tile > budget:
                     continue
                 if kw["BD"] >= 512 and kw["BD"] < dpow:  # a wide BD only as the one chunk
                     continue
+            elif tile > 64:
+                continue
             if smem_bytes(kw, elt, backward, trans) > limit:
                 continue
             keep.append(c)
