@@ -556,6 +556,36 @@ def test_gpu_tf32(monkeypatch):
     assert_close("col", col, rcol, 1e-3)
 
 
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("name", ["clip", "siglip"])
+def test_gpu_loss_paths_bf16(monkeypatch, name):
+    """clip_loss (column LSE by atomics, and the two-launch forward) and siglip_loss (forward
+    fused into the dq pass, and apart), bf16, N = 4096, D = 768, with the chunked backward
+    (workspace cut to 8 MiB): every output against fp32 torch on the same bf16 inputs."""
+    import tilecl
+
+    gen = torch.Generator().manual_seed(11)
+    a, b = (_unit(4096, 768, gen, torch.bfloat16) for _ in range(2))
+    monkeypatch.setenv("TILECL_TRITON_WORKSPACE_MB", "8")
+
+    def run(backend, dtype):
+        x, y = (t.to(dtype).clone().requires_grad_() for t in (a, b))
+        s = torch.tensor(20.0, device=DEV, requires_grad=True)
+        bias = torch.tensor(-5.0, device=DEV, requires_grad=True)
+        loss = (tilecl.clip_loss(x, y, s, backend=backend) if name == "clip" else
+                tilecl.siglip_loss(x, y, s, bias, backend=backend))
+        loss.backward()
+        return [loss, x.grad, y.grad, s.grad] + ([bias.grad] if name == "siglip" else [])
+
+    ref = run("torch", torch.float32)
+    env = "TILECL_TRITON_COL_PASS" if name == "clip" else "TILECL_TRITON_SIGLIP_FUSED"
+    for value in ("atomic", "two") if name == "clip" else ("1", "0"):
+        monkeypatch.setenv(env, value)
+        for i, (g, r) in enumerate(zip(run("triton", torch.bfloat16), ref)):
+            assert_close(f"{name} {env}={value} output {i}", g.float(), r, TOL[torch.bfloat16])
+
+
 @pytest.mark.parametrize("name", ["clip", "nt_xent", "siglip", "supcon"])
 def test_torch_compile_traces_public_loss_without_graph_breaks(name):
     """Issue 3 item 6: a public loss on the triton backend compiles with fullgraph=True (custom
