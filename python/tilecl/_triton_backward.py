@@ -47,6 +47,25 @@ def workspace_bytes() -> int:
     return max(1, int(mb * 2**20))
 
 
+class _Workspace:
+    """``count`` fp32 buffers of at most ``workspace_bytes()`` together, allocated once; ``rows``
+    is how many [D] rows one buffer holds (the chunk size)."""
+
+    def __init__(self, d: int, most_rows: int, device, count: int = 1):
+        self.d = max(d, 1)
+        self.rows = max(1, workspace_bytes() // (4 * self.d * count))
+        size = min(self.rows, most_rows) * d
+        self.space = [torch.empty(size, device=device, dtype=torch.float32) for _ in range(count)]
+
+    def chunk(self, which: int, size: int, written: bool = True) -> torch.Tensor:
+        """[size, D] of buffer ``which``: zeros when no pass writes it, NaN under the interpreter
+        (an element the kernel misses fails the tests), else as it is."""
+        buf = self.space[which][:size * self.d].view(size, self.d)
+        if not written:
+            return buf.zero_()
+        return buf.fill_(float("nan")) if tb._configs.interpreting() else buf
+
+
 def _spans(n: int, step: int):
     return [(i, min(n, i + step)) for i in range(0, n, step)]
 
@@ -94,20 +113,11 @@ def _final_impl(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, g_s
         st, gst, cst, gc = tb._bwd_stats(spec, stats, col, g_stats, g_col, n, dev)
     dq = torch.empty(q.shape, device=dev, dtype=q.dtype) if need_q else None
     dk = torch.empty(k.shape, device=dev, dtype=k.dtype) if need_k and not single_set else None
-    nbuf = 2 if single_set and rows and cols else 1
-    step = max(1, workspace_bytes() // (4 * max(d, 1) * nbuf))
+    # buffer 0 for the dq pass, the last one for the dk pass (two only for one set)
+    ws = _Workspace(d, max(n, m), dev, 2 if single_set and rows and cols else 1)
+    step = ws.rows
     glue = max(1, _GLUE_BYTES // (4 * max(d, 1)))
     col_spans = _spans(m, step)  # for one set (m = n) also its row chunks
-    # the workspace, allocated once: buffer 0 for the dq pass, the last one for the dk pass
-    space = [torch.empty(min(step, max(n, m)) * d, device=dev, dtype=f32) for _ in range(nbuf)]
-
-    def chunk(which, size, written):
-        """[size, D] fp32 of workspace buffer ``which``: zeros when no pass writes it, NaN under
-        the interpreter (an element the kernel misses fails the tests), else as it is."""
-        buf = space[which][:size * d].view(size, d)
-        if not written:
-            return buf.zero_()
-        return buf.fill_(float("nan")) if tb._configs.interpreting() else buf
     cuts = None
     if cols and coef is not None:  # rows grouped by their positive column, one host sync
         order = torch.argsort(pos)
@@ -116,7 +126,7 @@ def _final_impl(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, g_s
 
     def row_block(r0, r1):
         """fp32 dq of rows r0:r1 with the positive pair's term; their dalpha, gx and gsum."""
-        buf = chunk(0, r1 - r0, rows)
+        buf = ws.chunk(0, r1 - r0, rows)
         if rows:
             al = alpha if alpha.dim() == 0 else alpha[r0:r1]
             tb._launch_bwd(spec, flags, q[r0:r1], k, al, bias, _rows_aux(aux, r0, r1),
@@ -137,7 +147,7 @@ def _final_impl(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, g_s
 
     def col_block(ci, c0, c1):
         """fp32 dk of columns c0:c1 with the positive pairs that land there."""
-        buf = chunk(-1, c1 - c0, True)
+        buf = ws.chunk(-1, c1 - c0)
         c_st, c_g = (cst[c0:c1], gc[c0:c1]) if spec.col_lse else (cst, gc)
         tb._launch_bwd(spec, flags, q, k[c0:c1], alpha, bias, _cols_aux(aux, c0, c1), st, gst,
                        c_st, c_g, buf, gsum, gx, True)
@@ -210,13 +220,10 @@ def _forward_dq_impl(spec: TileSpec, q, k, alpha, bias, aux: TileAux):
     flags = dict(tb._bwd_flags(spec, aux, bias), FWD_STATS=True)
     ones = torch.ones(spec.n_stats, n, device=dev, dtype=f32)
     cst = gc = tb._dummy(dev, f32)
-    step = max(1, workspace_bytes() // (4 * d))
+    ws = _Workspace(d, n, dev)
     glue = max(1, _GLUE_BYTES // (4 * d))
-    space = torch.empty(min(step, n) * d, device=dev, dtype=f32)
-    for r0, r1 in _spans(n, step):
-        buf = space[:(r1 - r0) * d].view(r1 - r0, d)
-        if tb._configs.interpreting():
-            buf.fill_(float("nan"))
+    for r0, r1 in _spans(n, ws.rows):
+        buf = ws.chunk(0, r1 - r0)
         al = alpha if alpha.dim() == 0 else alpha[r0:r1]
         tb._launch_bwd(spec, flags, q[r0:r1], k, al, bias, _rows_aux(aux, r0, r1),
                        stats[:, r0:r1], ones[:, r0:r1], cst, gc, buf, gsum[r0:r1], cst, False)
