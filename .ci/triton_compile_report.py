@@ -4,8 +4,9 @@
                                                    fneg|topk8|topk32 ...]
 
 For each kernel pass (forward rows, forward columns = symmetric CLIP's column LSE, backward dq,
-backward dk) at its default config (tritonops/configs.py DEFAULT_FWD / DEFAULT_BWD), each target
-(sm_80, sm_90a) and each input dtype (bf16, fp16; fp32 with tf32 dots on request), prints:
+backward dk, and the H tiles of the gemm backward) at its default config (tritonops/configs.py
+DEFAULT_FWD / DEFAULT_BWD), each target (sm_80, sm_90a) and each input dtype (bf16, fp16; fp32
+with tf32 dots on request), prints:
 registers per thread, spill stores / loads (bytes, from ptxas -v), shared memory (bytes,
 Triton's dynamic allocation) and whether the compiled code uses tensor cores (PTX mma.sync /
 wgmma; SASS HMMA / HGMMA). A static check of speed: no spills, tensor cores present. Needs
@@ -44,11 +45,12 @@ FLAG_SETS = {  # the constexpr flags of a few losses (see tilecl._triton_backend
 BASE = dict(DIST=False, GAMMA=2.0, HAS_BIAS=False, HAS_EXCL=False, HAS_THRESH=False, POSITIVE=0,
             WEIGHT=0, CLIP=0.0, N_SUMS=0, C0=0, B0=1.0, W0=False, C1=0, B1=1.0, W1=False,
             LIN=False, SIG=False, COL_LSE=False, COL_ATOMIC=False, COL_GATHER=False, TOPK=0,
-            TOPK_P2=1, PRECISION="ieee", UPCAST=False, FWD_STATS=False)
-INT_PTRS = ("excl_ptr", "pos_ptr", "labq_ptr", "labk_ptr", "ti_ptr", "cidx_ptr")
+            TOPK_P2=1, PRECISION="ieee", UPCAST=False, FWD_STATS=False,
+            HAS_GPOS=True, PART=True)  # the last two: the H kernel (gemm backward), fullest
+INT_PTRS = ("excl_ptr", "pos_ptr", "labq_ptr", "labk_ptr", "ti_ptr", "cidx_ptr", "spos_ptr")
 FP32_PTRS = ("a_ptr", "bias_ptr", "thr_ptr", "w_ptr", "wa_ptr", "wb_ptr", "st_ptr", "col_ptr",
              "tv_ptr", "cref_ptr", "cacc_ptr", "g_ptr", "colst_ptr", "gc_ptr", "out_ptr",
-             "gsum_ptr", "gx_ptr")
+             "gsum_ptr", "gx_ptr", "gpos_ptr", "part_ptr")
 
 
 def _say_unsupported(why):
@@ -86,7 +88,7 @@ def _signature(fn, dtype, constexprs):
     for name in fn.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
-        elif name in ("q_ptr", "k_ptr"):
+        elif name in ("q_ptr", "k_ptr", "h_ptr"):
             sig[name] = "*" + dtype
         elif name in INT_PTRS:
             sig[name] = "*i64"
@@ -174,7 +176,8 @@ def _config(text):
 PASSES = [("fwd rows", lse._lse_fwd_kernel, False, False),
           ("fwd cols", lse._lse_fwd_kernel, False, True),
           ("bwd dq", lse._lse_bwd_kernel, True, False),
-          ("bwd dk", lse._lse_bwd_kernel, True, True)]
+          ("bwd dk", lse._lse_bwd_kernel, True, True),
+          ("gemm H", lse._lse_h_kernel, False, False)]
 
 
 def main():

@@ -21,6 +21,7 @@ of n / 2 rows each.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 
@@ -245,26 +246,29 @@ def _siglip_kernel():
     return lambda x: mod.fused_siglip_loss(x["a"], x["b"], torch.log(x["scale"]), x["bias"])
 
 
-def _with_env(fn, **env):
-    """fn with environment variables set while it runs (the forward: where tilecl reads them)."""
-    def run(x):
-        old = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
-            return fn(x)
-        finally:
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-    return run
+@contextlib.contextmanager
+def variant_env(loss, provider):
+    """The environment of a ``VARIANTS`` provider, set for the whole measurement (forward and
+    backward: tilecl reads these variables in both); nothing for the other providers."""
+    env = VARIANTS.get(loss, {}).get(provider, {})
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
-# the triton backend with a forward-time choice reversed, for the GPU target's A/B (not the grid)
+# the triton backend with an environment choice reversed, for the GPU target's A/B (not the grid)
 VARIANTS = {
-    "clip": {"tilecl-triton-2pass": dict(TILECL_TRITON_COL_PASS="two")},
-    "siglip": {"tilecl-triton-unfused": dict(TILECL_TRITON_SIGLIP_FUSED="0")},
+    "clip": {"tilecl-triton-2pass": dict(TILECL_TRITON_COL_PASS="two"),
+             "tilecl-triton-gemm": dict(TILECL_TRITON_BWD="gemm")},
+    "siglip": {"tilecl-triton-unfused": dict(TILECL_TRITON_SIGLIP_FUSED="0"),
+               "tilecl-triton-gemm": dict(TILECL_TRITON_BWD="gemm")},
 }
 
 
@@ -274,9 +278,8 @@ def providers(loss, device, d=128, variants=False):
     device = torch.device(device)
     names = tilecl.available_backends(device)
     out = {f"tilecl-{name}": _tilecl(loss, name) for name in names}
-    if variants and "triton" in names:
-        out.update({k: _with_env(_tilecl(loss, "triton"), **env)
-                    for k, env in VARIANTS.get(loss, {}).items()})
+    if variants and "triton" in names:  # measured inside variant_env(loss, name)
+        out.update({k: _tilecl(loss, "triton") for k in VARIANTS.get(loss, {})})
     if loss == "clip":
         out["dense"] = lambda x: dense_clip(x["a"], x["b"], x["scale"])
         out["openclip-style"] = lambda x: openclip_style_clip(x["a"], x["b"], x["scale"])

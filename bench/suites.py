@@ -105,7 +105,8 @@ def run_gpu_target(suite: Suite, log=print):
             case = H.Case(loss, prov, t["n"], t["d"], t["dtype"], "fwd_bwd", suite.device)
             extra = {"group": "target", "matmul_tflops": rate, "target_ms": t["ms"][loss],
                      "target_mib": t["mib"]}
-            recs.append(H.measure(case, H.Config(**{**suite.cfg.__dict__, "extra": extra})))
+            with P.variant_env(loss, prov):
+                recs.append(H.measure(case, H.Config(**{**suite.cfg.__dict__, "extra": extra})))
             log(H.format_record(recs[-1]))
     return recs
 

@@ -562,7 +562,8 @@ def test_gpu_tf32(monkeypatch):
 def test_gpu_loss_paths_bf16(monkeypatch, name):
     """clip_loss (column LSE by atomics, and the two-launch forward) and siglip_loss (forward
     fused into the dq pass, and apart), bf16, N = 4096, D = 768, with the chunked backward
-    (workspace cut to 8 MiB): every output against fp32 torch on the same bf16 inputs."""
+    (workspace cut to 8 MiB) and with the gemm backward: every output against fp32 torch on the
+    same bf16 inputs."""
     import tilecl
 
     gen = torch.Generator().manual_seed(11)
@@ -579,8 +580,11 @@ def test_gpu_loss_paths_bf16(monkeypatch, name):
         return [loss, x.grad, y.grad, s.grad] + ([bias.grad] if name == "siglip" else [])
 
     ref = run("torch", torch.float32)
-    env = "TILECL_TRITON_COL_PASS" if name == "clip" else "TILECL_TRITON_SIGLIP_FUSED"
-    for value in ("atomic", "two") if name == "clip" else ("1", "0"):
+    choice = "TILECL_TRITON_COL_PASS" if name == "clip" else "TILECL_TRITON_SIGLIP_FUSED"
+    for env, value in [(choice, v) for v in (("atomic", "two") if name == "clip" else ("1", "0"))
+                       ] + [("TILECL_TRITON_BWD", "gemm")]:
+        for var in (choice, "TILECL_TRITON_BWD"):
+            monkeypatch.delenv(var, raising=False)
         monkeypatch.setenv(env, value)
         for i, (g, r) in enumerate(zip(run("triton", torch.bfloat16), ref)):
             assert_close(f"{name} {env}={value} output {i}", g.float(), r, TOL[torch.bfloat16])

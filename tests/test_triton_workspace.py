@@ -44,6 +44,10 @@ def _triton_cases():
 
 @pytest.mark.parametrize("case,reduction", list(_triton_cases()))
 def test_chunked_fp32_matches_reference(tiny_workspace, case, reduction):
+    _check_fp32(case, reduction)
+
+
+def _check_fp32(case, reduction):
     diff, const = case.make(N, D, torch.float32)
     ref_loss, ref_grads = run(case, "reference", reduction, [x.double() for x in diff],
                               {k: _as(v, torch.float64) for k, v in const.items()})
@@ -287,3 +291,75 @@ def test_siglip_fused_without_gradients_and_twice(monkeypatch):
     first = xr.grad.clone()
     loss.backward()
     assert_rel(xr.grad, 2 * first, 1e-6, "second backward")
+
+
+# ---------------------------------------------------------------------------------------------
+# TILECL_TRITON_BWD=gemm: H = a G in L2-sized groups, multiplied by library GEMMs
+
+GEMM_CASES = ["info_nce_perm", "info_nce_smooth_per_anchor", "info_nce_false_negative_margin",
+              "clip", "siglip", "nt_xent", "supcon_out", "cclk_weaklysup_lowrank"]
+
+
+@pytest.mark.parametrize("name", GEMM_CASES)
+def test_gemm_backward_fp32_matches_reference(tiny_workspace, monkeypatch, name):
+    """Groups of 6 rows / columns of H (7 ragged groups), every gradient vs float64."""
+    monkeypatch.setenv("TILECL_TRITON_BWD", "gemm")
+    _check_fp32(_case(name), "mean")
+
+
+def _case(name):
+    return next(c for c in CASES if c.name == name)
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip", "nt_xent", "supcon_out"])
+def test_gemm_backward_bf16_no_worse_than_pytorch(tiny_workspace, monkeypatch, name):
+    monkeypatch.setenv("TILECL_TRITON_BWD", "gemm")
+    case = _case(name)
+    dtype = torch.bfloat16
+    diff, const = case.make(N, D, dtype)
+    truth = run(case, "reference", "mean", [x.double() for x in diff],
+                {k: _as(v, torch.float64) for k, v in const.items()})
+    own = run(case, "reference", "mean", diff, const)
+    ours = run(case, "triton", "mean", diff, const)
+    for i, (g, o, t) in enumerate(zip(ours[1], own[1], truth[1])):
+        scale = t.abs().max().item() + 1e-30
+        err = (g.double() - t).abs().max().item() / scale
+        own_err = (o.double() - t).abs().max().item() / scale
+        assert err <= 2 * own_err + LOW[dtype] / 4, f"{name} grad {i}: {err} vs PyTorch {own_err}"
+
+
+def test_gemm_backward_launches_and_fallbacks(monkeypatch):
+    """gemm: the H kernel, no backward kernel; fp16 inputs and distance logits keep "fused"."""
+    import tilecl
+
+    monkeypatch.setenv("TILECL_TRITON_BWD", "gemm")
+    from tilecl.tritonops import lse
+
+    log = _spy_launches(monkeypatch)
+
+    calls = []
+
+    class SpyH:
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                calls.append(meta["PART"])
+                return lse._lse_h_kernel[grid](*args, **meta)
+            return launch
+
+    tb._lse._lse_h_kernel = SpyH()  # on the spy module that _spy_launches put in place
+    x = torch.nn.functional.normalize(torch.randn(12, 8), dim=1)
+    for dtype, want_h in ((torch.float32, True), (torch.float16, False)):
+        log.clear()
+        calls.clear()
+        a, b = (t.to(dtype).clone().requires_grad_() for t in (x, x.flip(0)))
+        tilecl.clip_loss(a, b, 10.0, backend="triton").backward()
+        bwd = [e for e in log if e[0] == "bwd"]
+        assert (calls == [True, False]) == want_h and (not bwd) == want_h, (dtype, calls, log)
+    log.clear()
+    calls.clear()
+    z = x.clone().requires_grad_()
+    tilecl.kernel_info_nce(z, x.flip(0), temperature=0.5, backend="triton").backward()
+    assert not calls and any(e[0] == "bwd" for e in log)
+    monkeypatch.setenv("TILECL_TRITON_BWD", "sideways")
+    with pytest.raises(ValueError, match="TILECL_TRITON_BWD"):
+        tbw.bwd_mode()
