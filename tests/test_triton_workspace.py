@@ -10,6 +10,7 @@ import pytest
 import torch
 from test_parity import LOW, _as
 
+from tilecl import _torch_tiled
 from tilecl import _triton_backend as tb
 from tilecl import _triton_backward as tbw
 from tilecl._autograd import _add_positive
@@ -76,7 +77,7 @@ def test_chunked_fp16_no_worse_than_pytorch(tiny_workspace, name):
         assert err <= 2 * own_err + LOW[dtype] / 4, f"{name} grad {i}: {err} vs PyTorch {own_err}"
 
 
-def _clip_problem(n, d, dtype, seed=0):
+def _clip_problem(n, d, dtype, seed=0, forward=None):
     g = torch.Generator().manual_seed(seed)
     q = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1).to(dtype)
     k = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1).to(dtype)
@@ -84,7 +85,7 @@ def _clip_problem(n, d, dtype, seed=0):
     pos = torch.arange(n)
     aux = TileAux(pos=pos)
     alpha = torch.tensor(10.0)
-    stats, col = tb._forward_impl(spec, q, k, alpha, None, aux)
+    stats, col = (forward or tb._forward_impl)(spec, q, k, alpha, None, aux)
     g_stats = torch.full_like(stats, 0.5 / n)
     g_col = torch.full_like(col, 0.5 / n)
     g_pos = torch.full((n,), -1.0 / n)
@@ -363,3 +364,30 @@ def test_gemm_backward_launches_and_fallbacks(monkeypatch):
     monkeypatch.setenv("TILECL_TRITON_BWD", "sideways")
     with pytest.raises(ValueError, match="TILECL_TRITON_BWD"):
         tbw.bwd_mode()
+
+
+def test_gemm_backward_memory_bounded_by_workspace(monkeypatch):
+    """gemm mode, fp32 CLIP N = M = 2048, D = 64, workspace 1 MiB (H groups of 128 rows /
+    columns), the H kernel stubbed: beyond the gradients, one H group, its partial sums
+    [2, 128, M / 16] and O(N) vectors (the generic fp32 path: dq and dk, 1 MiB, plus temporaries)."""
+    n, d = 2048, 64
+    monkeypatch.setenv("TILECL_TRITON_BWD", "gemm")
+    monkeypatch.setenv("TILECL_TRITON_WORKSPACE_MB", "1")
+
+    class Lse:
+        _lse_h_kernel = _StubKernel(lambda meta: (18,))
+
+    args = _clip_problem(n, d, torch.float32, forward=_torch_tiled.forward)  # (fast here)
+    monkeypatch.setattr(tb, "_lse", Lse)
+    with PeakTensorBytes() as mode:
+        dq, dk, _, _ = tbw._final_impl(*args[:4], None, *args[4:9], (True, True, True, False),
+                                       args[9], args[10], False)
+    grads = 2 * n * d * 4
+    group = 2**20  # one H group: 128 x 2048 fp32
+    parts = 2 * 128 * (n // 16) * 4
+    o_n = 64 * n * 4
+    assert mode.peak <= grads + group + parts + 128 * d * 4 + o_n, mode.peak - grads
+    # H = 0.5 everywhere: dq = 0.5 * column sums of k, dk = 0.5 * column sums of q
+    q, k = args[1], args[2]
+    assert_rel(dq, 0.5 * k.sum(0).expand(n, d), 1e-5, "dq = H k")
+    assert_rel(dk, 0.5 * q.sum(0).expand(n, d), 1e-5, "dk = H^T q")
