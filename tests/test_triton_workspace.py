@@ -13,6 +13,7 @@ from test_parity import LOW, _as
 from tilecl import _torch_tiled
 from tilecl import _triton_backend as tb
 from tilecl import _triton_backward as tbw
+from tilecl import _triton_gemm as tbg
 from tilecl._autograd import _add_positive
 from tilecl._spec import SumSpec, TileAux, TileSpec
 from tilecl.memtrack import PeakTensorBytes
@@ -363,7 +364,7 @@ def test_gemm_backward_launches_and_fallbacks(monkeypatch):
     assert not calls and any(e[0] == "bwd" for e in log)
     monkeypatch.setenv("TILECL_TRITON_BWD", "sideways")
     with pytest.raises(ValueError, match="TILECL_TRITON_BWD"):
-        tbw.bwd_mode()
+        tbg.bwd_mode()
 
 
 def test_gemm_backward_memory_bounded_by_workspace(monkeypatch):

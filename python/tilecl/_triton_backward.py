@@ -16,6 +16,8 @@ workspace of at most ``workspace_bytes()`` and finishes each chunk in fp32, in s
 
 then rounds the chunk once into the gradient (input dtype). Each row's and column's fp32
 accumulation is the kernel's, whatever the chunk: the result is the generic path's.
+``TILECL_TRITON_BWD=gemm`` sends dot logits in fp32 / bf16 to ``_triton_gemm`` instead.
+Also here: SigLIP's forward fused into the dq pass (``forward_with_dq``, ``finish_dq``).
 """
 
 from __future__ import annotations
@@ -91,9 +93,11 @@ def _final_impl(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, g_s
                 needs, pos, g_pos, single_set: bool):
     """(dq in q.dtype or None, dk in k.dtype or None, dalpha fp32 like alpha, dbias fp32 0-dim
     or None); pos [N] local column of each row's positive (or None), g_pos [N] its upstream."""
-    if _gemm_applies(spec, q):
-        return _gemm_impl(spec, q, k, alpha, bias, aux, stats, col, g_stats, g_col, needs, pos,
-                          g_pos, single_set)
+    from . import _triton_gemm  # (it builds on this module's helpers)
+
+    if _triton_gemm.applies(spec, q):
+        return _triton_gemm.backward(spec, q, k, alpha, bias, aux, stats, col, g_stats, g_col,
+                                     needs, pos, g_pos, single_set)
     tb._check(q, k)
     n, m, d = q.shape[0], k.shape[0], q.shape[1]
     dev, f32 = q.device, torch.float32
@@ -188,114 +192,6 @@ def _final_impl(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, g_s
                 dk.zero_()
     if not dot:
         da = gx / af + da  # dx/da = x / a, plus the positive pair's term
-    da = da.sum() if alpha.dim() == 0 else da
-    db = None
-    if bias is not None:
-        db = gsum.sum() if spec.sigmoid else torch.zeros((), device=dev, dtype=f32)
-    return dq, dk, da, db
-
-
-def bwd_mode() -> str:
-    """How the backward multiplies G by the embeddings (``TILECL_TRITON_BWD``):
-
-    * "fused" (default): the dq and dk kernels recompute each tile and accumulate G k / G^T q in
-      fp32 registers, one chunk of D per program (D / BD recomputes of the logits);
-    * "gemm": ``_lse_h_kernel`` writes H = a G for a group of rows (columns) into an fp32 / bf16
-      buffer of at most ``workspace_bytes()`` and a library GEMM multiplies it: no recompute per
-      D chunk, 2 N M D per pass more of memory traffic (kept in L2 when the group fits). Dot
-      logits, fp32 and bf16 inputs (fp16's H would underflow); otherwise "fused" is used.
-    """
-    raw = os.environ.get("TILECL_TRITON_BWD", "fused").strip().lower()
-    if raw not in ("fused", "gemm"):
-        raise ValueError(f"TILECL_TRITON_BWD must be fused or gemm, got {raw!r}")
-    return raw
-
-
-def flags_bias(spec: TileSpec, bias) -> bool:
-    """Whether the kernels add the bias to the logits (``HAS_BIAS``: dot logits only)."""
-    return bias is not None and spec.logit == "dot"
-
-
-def _gemm_applies(spec: TileSpec, q) -> bool:
-    return (bwd_mode() == "gemm" and spec.logit == "dot"
-            and q.dtype in (torch.float32, torch.bfloat16))
-
-
-def _gemm_impl(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, g_stats, g_col,
-               needs, pos, g_pos, single_set: bool):
-    """``_final_impl``'s result through H groups and library GEMMs (``bwd_mode`` "gemm").
-
-    Rows r0:r1 of H [R, M] give dq rows = H k and, from the kernel's partial sums, dalpha and
-    the SigLIP bias; columns c0:c1 of H [N, C] give dk rows = H^T q. The positive pair's term is
-    inside H (fp32, before the cast), so each gradient row is rounded once (one set: dq and dk
-    rows rounded each, then summed in fp32 and rounded).
-    """
-    tb._check(q, k)
-    n, m, d = q.shape[0], k.shape[0], q.shape[1]
-    dev, f32, hdt = q.device, torch.float32, q.dtype
-    a = alpha.detach().to(device=dev, dtype=f32)
-    af = a.expand(n) if a.dim() == 0 else a
-    need_q, need_k, need_a = bool(needs[0]), bool(needs[1]), bool(needs[2])
-    need_bias = bias is not None and spec.sigmoid and bool(needs[3])
-    launch = n > 0 and m > 0 and d > 0
-    rows = launch and (need_q or need_a or need_bias)
-    cols = launch and need_k
-    dq = torch.zeros(q.shape, device=dev, dtype=q.dtype) if need_q else None
-    dk = torch.zeros(k.shape, device=dev, dtype=k.dtype) if need_k and not single_set else None
-    da = torch.zeros(n, device=dev, dtype=f32)
-    gsum = torch.zeros(n, device=dev, dtype=f32)
-    has_gpos = pos is not None and g_pos is not None
-    if rows or cols:
-        flags = tb._flags(spec, aux, bias)
-        st, gst, cst, gc = tb._bwd_stats(spec, stats, col, g_stats, g_col, n, dev)
-        spos = pos.to(device=dev, dtype=torch.int64) if has_gpos else tb._dummy(dev, torch.int64)
-        gpos = g_pos.detach().to(device=dev, dtype=f32) if has_gpos else tb._dummy(dev, f32)
-    # x_ij = a_i <q_i, k_j> + b: dalpha_i = sum_j G_ij (x_ij - b) / a_i
-    b = bias.detach().to(device=dev, dtype=f32) if flags_bias(spec, bias) else None
-    elt = q.element_size()
-
-    def h_of(qs, ks, al, aux_s, st_s, gst_s, cst_s, gc_s, spos_s, gpos_s, p_off, part):
-        """H [rows of qs, rows of ks] in q.dtype (and the partial sums when ``part`` is given)."""
-        h = torch.empty(qs.shape[0], ks.shape[0], device=dev, dtype=hdt)
-        ptrs, sizes, strides = tb._inputs(spec, qs, ks, al, bias, aux_s)
-        p = part if part is not None else tb._dummy(dev, f32).view(1, 1, 1)
-
-        def grid(meta):
-            return (-(-qs.shape[0] // meta["BM"]), -(-ks.shape[0] // meta["BN"]))
-        tb._lse._lse_h_kernel[grid](*ptrs, st_s, gst_s, cst_s, gc_s, spos_s, gpos_s, h, p,
-                                    *sizes, p_off, *strides, st_s.stride(0), h.stride(0),
-                                    p.stride(1), TRANS=False, HAS_GPOS=has_gpos,
-                                    PART=part is not None, **flags)
-        return h
-
-    if rows:
-        step = max(1, workspace_bytes() // (m * elt))
-        ncb = -(-m // 16)  # room for the partials of any BN >= 16
-        for r0, r1 in _spans(n, step):
-            part = torch.zeros(2, r1 - r0, ncb, device=dev, dtype=f32)
-            al = alpha if alpha.dim() == 0 else alpha[r0:r1]
-            h = h_of(q[r0:r1], k, al, _rows_aux(aux, r0, r1), st[:, r0:r1], gst[:, r0:r1], cst,
-                     gc, spos[r0:r1] if has_gpos else spos, gpos[r0:r1] if has_gpos else gpos,
-                     0, part)
-            if need_q:
-                dq[r0:r1] = torch.matmul(h, k.detach())  # [R, M] @ [M, D]
-            g1, gx = part[0].sum(1), part[1].sum(1)
-            gsum[r0:r1] = g1
-            da[r0:r1] = (gx if b is None else gx - b * g1) / af[r0:r1]
-            del h
-    if cols:
-        step = max(1, workspace_bytes() // (n * elt))
-        for c0, c1 in _spans(m, step):
-            c_st, c_g = (cst[c0:c1], gc[c0:c1]) if spec.col_lse else (cst, gc)
-            h = h_of(q, k[c0:c1], alpha, _cols_aux(aux, c0, c1), st, gst, c_st, c_g, spos, gpos,
-                     c0, None)
-            blk = torch.matmul(h.t(), q.detach())  # [C, N] @ [N, D]
-            if single_set:
-                if dq is not None:
-                    dq[c0:c1] = (dq[c0:c1].to(f32) + blk.to(f32)).to(dq.dtype)
-            else:
-                dk[c0:c1] = blk
-            del h
     da = da.sum() if alpha.dim() == 0 else da
     db = None
     if bias is not None:
