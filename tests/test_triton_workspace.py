@@ -358,6 +358,11 @@ def test_gemm_backward_launches_and_fallbacks(monkeypatch):
         bwd = [e for e in log if e[0] == "bwd"]
         assert (calls == [True, False]) == want_h and (not bwd) == want_h, (dtype, calls, log)
     log.clear()
+    calls.clear()  # SigLIP: the plain forward (cheaper than its fused dq pass here), two H passes
+    a = x.clone().requires_grad_()
+    tilecl.siglip_loss(a, x.flip(0), 10.0, -10.0, backend="triton").backward()
+    assert log == [("fwd", False, False)] and calls == [True], (log, calls)
+    log.clear()
     calls.clear()
     z = x.clone().requires_grad_()
     tilecl.kernel_info_nce(z, x.flip(0), temperature=0.5, backend="triton").backward()

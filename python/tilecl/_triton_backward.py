@@ -336,7 +336,12 @@ def backward_final(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, 
 def forward_with_dq(spec: TileSpec, q, k, alpha, bias, aux: TileAux):
     """(stats, (u, qdot, gsum)) when the forward can run the dq pass too (``fuses_dq``), else
     None; ``finish_dq`` turns the saved triple into dq, dalpha, dbias once g is known."""
-    if q.dtype == torch.float64 or q.shape[1] == 0 or not fuses_dq(spec):
+    from . import _triton_gemm
+
+    # under the gemm backward the plain forward (2 N M D) and two GEMM passes cost less than
+    # this dq pass, which recomputes the logits once per D chunk
+    if (q.dtype == torch.float64 or q.shape[1] == 0 or not fuses_dq(spec)
+            or _triton_gemm.applies(spec, q)):
         return None
     if not _HAS_CUSTOM_OP:
         stats, *saved = _forward_dq_impl(spec, q, k, alpha, bias, aux)
