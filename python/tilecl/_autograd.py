@@ -5,7 +5,8 @@ optionally the positive logits s_pos_i = alpha_i <q_i, k_pos(i)>; its backward a
 backend to recompute the tiles (math.md 1.2). The positive pair is an O(N d) gather outside the
 tile loop, but inside the Function (math.md 1.3): its gradient b_i k_pos(i) is added to the
 backend's fp32 dq / dk before they are rounded to the input dtype, so the near-cancellation of
-P_pos - 1 late in training never happens in fp16 / bf16. The loss-specific epilogue
+P_pos - 1 late in training never happens in fp16 / bf16 (a backend with ``backward_final``
+does the same chunk by chunk, in bounded memory). The loss-specific epilogue
 (``_family.py``) is O(N) PyTorch code on top, differentiated by autograd.
 """
 

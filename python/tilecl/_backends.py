@@ -3,6 +3,10 @@
 A tile backend is a module with ``forward(spec, q, k, alpha, bias, aux)`` and
 ``backward(spec, q, k, alpha, bias, aux, stats, col, g_stats, g_col, needs)`` (see
 ``_torch_tiled.py``) and ``unavailable(device) -> str | None`` (None when it can run there).
+Optional hooks, used by ``_autograd`` when present (the triton backend has them):
+``backward_final(..., needs, pos, g_pos, single_set)`` returns the finished gradients in the
+inputs' dtypes within bounded memory (or None to decline), and ``forward_with_dq`` /
+``finish_dq`` let a forward also run the dq pass (SigLIP).
 ``reference`` is not a tile backend: ``losses.py`` routes it to the dense oracle.
 """
 
