@@ -7,6 +7,9 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+# first-call autotuning of every kernel key in seconds, not minutes (TILECL_TRITON_AUTOTUNE=full
+# for the whole candidate list when the run has the time)
+export TILECL_TRITON_AUTOTUNE=${TILECL_TRITON_AUTOTUNE:-small}
 OUT=${OUT:-/tmp/tilecl-gpu-check}
 mkdir -p "$OUT"
 exec > >(tee "$OUT/gpu_check.txt") 2>&1

@@ -5,6 +5,9 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+# first-call autotuning of every kernel key in seconds, not minutes (TILECL_TRITON_AUTOTUNE=full
+# for the whole candidate list when the run has the time)
+export TILECL_TRITON_AUTOTUNE=${TILECL_TRITON_AUTOTUNE:-small}
 nvidia-smi --query-gpu=name,driver_version --format=csv
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 if ls .whl/*.whl >/dev/null 2>&1; then

@@ -81,3 +81,19 @@ def test_default_configs_within_budget():
     assert _regs(fwd, False, False) <= 64
     for trans in (False, True):
         assert _regs(bwd, True, trans) <= C.REG_BUDGET_FUSED
+
+
+@pytest.mark.parametrize("mode,count", [("small", 5), ("off", 1)])
+def test_time_boxed_tuning(monkeypatch, mode, count):
+    """TILECL_TRITON_AUTOTUNE=small / off: the default config first, every one kept by the prune
+    at D = 768 on sm_90 (no candidate wasted), no spills by the budgets."""
+    monkeypatch.setenv("TILECL_TRITON_AUTOTUNE", mode)
+    for backward in (False, True):
+        cands, kept = _kept(backward, 768, 90, TRANS=False)
+        assert len(cands) == count and len(kept) == count
+        default = C.DEFAULT_BWD if backward else C.DEFAULT_FWD
+        assert dict(cands[0].kwargs, num_warps=cands[0].num_warps,
+                    num_stages=cands[0].num_stages) == default
+    monkeypatch.setenv("TILECL_TRITON_AUTOTUNE", "most")
+    with pytest.raises(ValueError, match="TILECL_TRITON_AUTOTUNE"):
+        C.fwd_configs()

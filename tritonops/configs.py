@@ -124,9 +124,39 @@ def _prune(backward: bool):
     return prune
 
 
+def tuning() -> str:
+    """How many candidates the autotuner tries (``TILECL_TRITON_AUTOTUNE``, read when the kernels
+    are imported): "full" (default), "small" (the default config and four others per kernel:
+    first-call tuning in seconds, for a time-boxed GPU run) or "off" (the default configs)."""
+    raw = os.environ.get("TILECL_TRITON_AUTOTUNE", "full").strip().lower()
+    if raw not in ("full", "small", "off"):
+        raise ValueError(f"TILECL_TRITON_AUTOTUNE must be full, small or off, got {raw!r}")
+    return raw
+
+
+def _config(cfg: dict):
+    meta = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
+    return triton.Config(meta, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
+# "small": the default first, then what the register budgets keep at D = 768 with the widest
+# tiles (forward) and the fewest D chunks (backward)
+_SMALL_FWD = [DEFAULT_FWD, dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3),
+              dict(BM=64, BN=128, BK=64, num_warps=4, num_stages=3),
+              dict(BM=128, BN=64, BK=32, num_warps=8, num_stages=4),
+              dict(BM=64, BN=64, BK=64, num_warps=4, num_stages=4)]
+_SMALL_BWD = [DEFAULT_BWD, dict(BM=64, BN=64, BK=64, BD=256, num_warps=8, num_stages=2),
+              dict(BM=64, BN=128, BK=64, BD=128, num_warps=8, num_stages=2),
+              dict(BM=128, BN=64, BK=64, BD=128, num_warps=8, num_stages=2),
+              dict(BM=16, BN=32, BK=64, BD=1024, num_warps=8, num_stages=2)]
+
+
 def fwd_configs():
     if interpreting():
         return [triton.Config(dict(INTERPRET_FWD), num_warps=1, num_stages=1)]
+    mode = tuning()
+    if mode != "full":
+        return [_config(c) for c in (_SMALL_FWD if mode == "small" else [DEFAULT_FWD])]
     return [
         triton.Config(dict(BM=bm, BN=bn, BK=bk), num_warps=w, num_stages=s)
         for bm in (64, 128)
@@ -146,6 +176,9 @@ def bwd_configs():
     no recompute. The prune keeps the accumulator within 128 fp32 registers per thread."""
     if interpreting():
         return [triton.Config(dict(INTERPRET_BWD), num_warps=1, num_stages=1)]
+    mode = tuning()
+    if mode != "full":
+        return [_config(c) for c in (_SMALL_BWD if mode == "small" else [DEFAULT_BWD])]
     square = [(bm, bn, bd) for bm in (64, 128) for bn in (64, 128) for bd in (64, 128, 256)
               if bm * bn <= 128 * 64]
     narrow = [(a, b, bd) for bd in (512, 1024) for a in (16, 32) for b in (32, 64, 128)]
