@@ -68,6 +68,31 @@ class _Workspace:
         return buf.fill_(float("nan")) if tb._configs.interpreting() else buf
 
 
+@dataclasses.dataclass
+class _Passes:
+    """Which backward passes run, from the sizes and ``needs`` (dq, dk, dalpha, dbias)."""
+    n: int
+    m: int
+    d: int
+    af: torch.Tensor  # alpha [N] fp32
+    need_q: bool
+    need_k: bool
+    need_a: bool
+    need_bias: bool
+    rows: bool  # the dq pass (also for dalpha and the SigLIP bias)
+    cols: bool  # the dk pass
+
+    @staticmethod
+    def of(spec: TileSpec, q, k, alpha, bias, needs) -> "_Passes":
+        n, m, d = q.shape[0], k.shape[0], q.shape[1]
+        a = alpha.detach().to(device=q.device, dtype=torch.float32)
+        need_q, need_k, need_a = bool(needs[0]), bool(needs[1]), bool(needs[2])
+        need_bias = bias is not None and spec.sigmoid and bool(needs[3])
+        launch = n > 0 and m > 0 and d > 0
+        return _Passes(n, m, d, a.expand(n) if a.dim() == 0 else a, need_q, need_k, need_a,
+                       need_bias, launch and (need_q or need_a or need_bias), launch and need_k)
+
+
 def _spans(n: int, step: int):
     return [(i, min(n, i + step)) for i in range(0, n, step)]
 
@@ -99,15 +124,10 @@ def _final_impl(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, g_s
         return _triton_gemm.backward(spec, q, k, alpha, bias, aux, stats, col, g_stats, g_col,
                                      needs, pos, g_pos, single_set)
     tb._check(q, k)
-    n, m, d = q.shape[0], k.shape[0], q.shape[1]
+    p = _Passes.of(spec, q, k, alpha, bias, needs)
+    n, m, d, af, need_q, need_k, need_a = p.n, p.m, p.d, p.af, p.need_q, p.need_k, p.need_a
+    rows, cols = p.rows, p.cols
     dev, f32 = q.device, torch.float32
-    a = alpha.detach().to(device=dev, dtype=f32)
-    af = a.expand(n) if a.dim() == 0 else a
-    need_q, need_k, need_a = bool(needs[0]), bool(needs[1]), bool(needs[2])
-    need_bias = bias is not None and spec.sigmoid and bool(needs[3])
-    launch = n > 0 and m > 0 and d > 0
-    rows = launch and (need_q or need_a or need_bias)
-    cols = launch and need_k
     dot = spec.logit == "dot"
     coef = None  # a_i dL/ds_pos_i of the positive logit s_pos_i = a_i <q_i, k_p(i)>
     if pos is not None and g_pos is not None:

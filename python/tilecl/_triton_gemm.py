@@ -15,7 +15,7 @@ import torch
 
 from . import _triton_backend as tb
 from ._spec import TileAux, TileSpec
-from ._triton_backward import _cols_aux, _rows_aux, _spans, workspace_bytes
+from ._triton_backward import _cols_aux, _Passes, _rows_aux, _spans, workspace_bytes
 
 
 def bwd_mode() -> str:
@@ -54,15 +54,9 @@ def backward(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, g_stat
     rows rounded each, then summed in fp32 and rounded).
     """
     tb._check(q, k)
-    n, m, d = q.shape[0], k.shape[0], q.shape[1]
+    p = _Passes.of(spec, q, k, alpha, bias, needs)
+    n, m, af, need_q, need_k, rows, cols = p.n, p.m, p.af, p.need_q, p.need_k, p.rows, p.cols
     dev, f32, hdt = q.device, torch.float32, q.dtype
-    a = alpha.detach().to(device=dev, dtype=f32)
-    af = a.expand(n) if a.dim() == 0 else a
-    need_q, need_k, need_a = bool(needs[0]), bool(needs[1]), bool(needs[2])
-    need_bias = bias is not None and spec.sigmoid and bool(needs[3])
-    launch = n > 0 and m > 0 and d > 0
-    rows = launch and (need_q or need_a or need_bias)
-    cols = launch and need_k
     dq = torch.zeros(q.shape, device=dev, dtype=q.dtype) if need_q else None
     dk = torch.zeros(k.shape, device=dev, dtype=k.dtype) if need_k and not single_set else None
     da = torch.zeros(n, device=dev, dtype=f32)
