@@ -323,11 +323,16 @@ def _backward_impl(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, 
         da = (q.detach().to(f32) * dq).sum(1) / af
     else:
         da = gx / af  # dx/da = x / a
+    return (dq, dk) + scalar_grads(spec, da, gsum, alpha, bias)
+
+
+def scalar_grads(spec: TileSpec, da, gsum, alpha, bias):
+    """(dalpha like alpha: the rows' da summed for a 0-dim alpha, dbias 0-dim or None: the rows'
+    sum_j G_ij for SigLIP, 0 for the softmax losses, whose bias has no gradient; math.md 1.5)."""
     da = da.sum() if alpha.dim() == 0 else da
-    db = None
-    if bias is not None:
-        db = gsum.sum() if spec.sigmoid else torch.zeros((), device=dev, dtype=f32)
-    return dq, dk, da, db
+    if bias is None:
+        return da, None
+    return da, gsum.sum() if spec.sigmoid else torch.zeros((), device=da.device, dtype=da.dtype)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -212,11 +212,7 @@ def _final_impl(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, g_s
                 dk.zero_()
     if not dot:
         da = gx / af + da  # dx/da = x / a, plus the positive pair's term
-    da = da.sum() if alpha.dim() == 0 else da
-    db = None
-    if bias is not None:
-        db = gsum.sum() if spec.sigmoid else torch.zeros((), device=dev, dtype=f32)
-    return dq, dk, da, db
+    return (dq, dk) + tb.scalar_grads(spec, da, gsum, alpha, bias)
 
 
 def fuses_dq(spec: TileSpec) -> bool:

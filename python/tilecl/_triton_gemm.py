@@ -113,8 +113,4 @@ def backward(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, g_stat
             else:
                 dk[c0:c1] = blk
             del h
-    da = da.sum() if alpha.dim() == 0 else da
-    db = None
-    if bias is not None:
-        db = gsum.sum() if spec.sigmoid else torch.zeros((), device=dev, dtype=f32)
-    return dq, dk, da, db
+    return (dq, dk) + tb.scalar_grads(spec, da, gsum, alpha, bias)
