@@ -245,3 +245,17 @@ def test_ring_group_matches_single_process(tmp_path):
             for p in ctx.processes:
                 p.kill()
             raise TimeoutError("the gloo workers did not finish in 120 s")
+
+
+def test_readme_example_runs():
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S)
+              if "grad_cache_step(" in b]
+    assert len(blocks) == 1
+    namespace = {}
+    exec(compile(blocks[0], "README.md", "exec"), namespace)  # noqa: S102
+    assert namespace["scale"].grad is not None
+    assert all(p.grad is not None for t in namespace["towers"] for p in t.parameters())
