@@ -123,3 +123,24 @@ def test_rejects_other_models():
         tt.apply_to(torch.nn.Linear(2, 2))
     with pytest.raises(TypeError, match="keep_logits"):
         tt.apply_to(_model("clip"), keep_logits="yes")
+
+
+def test_keeps_a_forward_set_on_the_instance():
+    """A forward wrapped by someone else first (as accelerate's hooks do) still runs without
+    return_loss and comes back after remove()."""
+    model = _model("clip")
+    calls = []
+    inner = model.forward
+
+    def hooked(*args, **kwargs):
+        calls.append(kwargs.get("return_loss"))
+        return inner(*args, **kwargs)
+
+    model.forward = hooked
+    tt.apply_to(model, backend="torch")
+    tt.apply_to(model, backend="reference")                # re-applied: options updated
+    batch = _batch(4)
+    assert model(**batch).loss is None and calls == [None]
+    assert model(**batch, return_loss=True).loss is not None and calls == [None]
+    tt.remove(model)
+    assert model.forward is hooked

@@ -77,9 +77,9 @@ def _output_class(kind):
 def _tiled_forward(self, input_ids=None, pixel_values=None, attention_mask=None,
                    position_ids=None, return_loss=None, interpolate_pos_encoding=False, **kwargs):
     cfg = self._tilecl
-    original = type(self).forward
     if not return_loss:
-        return original(self, input_ids=input_ids, pixel_values=pixel_values,
+        original = cfg["previous"] or types.MethodType(type(self).forward, self)
+        return original(input_ids=input_ids, pixel_values=pixel_values,
                         attention_mask=attention_mask, position_ids=position_ids,
                         return_loss=return_loss,
                         interpolate_pos_encoding=interpolate_pos_encoding, **kwargs)
@@ -135,16 +135,23 @@ def apply_to(model, *, backend="auto", keep_logits=False):
     kind = _kind(model)
     if not isinstance(keep_logits, bool):
         raise TypeError(f"keep_logits must be a bool, got {type(keep_logits).__name__}")
-    model._tilecl = {"kind": kind, "backend": backend, "keep_logits": keep_logits}
+    # a forward set on the instance before (e.g. by accelerate's hooks) runs when no loss is asked
+    previous = (model._tilecl["previous"] if is_applied(model)
+                else vars(model).get("forward"))
+    model._tilecl = {"kind": kind, "backend": backend, "keep_logits": keep_logits,
+                     "previous": previous}
     model.forward = types.MethodType(_tiled_forward, model)
     return model
 
 
 def remove(model):
     """Undo ``apply_to(model)`` (a no-op for a model it was not applied to); returns the model."""
-    if "_tilecl" in vars(model):
+    if is_applied(model):
+        previous = model._tilecl["previous"]
         del model._tilecl
         vars(model).pop("forward", None)
+        if previous is not None:
+            model.forward = previous
     return model
 
 
