@@ -15,6 +15,7 @@ Under CI=true a missing open_clip fails instead of skipping.
 """
 
 import importlib
+import importlib.util
 import os
 import sys
 import types
@@ -63,7 +64,8 @@ def _import_open_clip():
         pass
     # transformers' own imports first: open_clip.hf_model imports it, and it must not see the
     # placeholders while it probes for torchvision
-    importlib.import_module("transformers.modeling_outputs")
+    if importlib.util.find_spec("transformers") is not None:
+        importlib.import_module("transformers.modeling_outputs")
     saved = {n: sys.modules.pop(n) for n in list(sys.modules) if n.split(".")[0] == "torchvision"}
     sys.modules.update({n: _PlaceholderModule(n) for n in _TV_NAMES})
     try:
