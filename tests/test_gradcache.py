@@ -192,6 +192,10 @@ def test_bad_arguments():
 
     with pytest.raises(ValueError, match="chunk_size"):
         grad_cache_step(tower, (x, x), loss, chunk_size=0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        grad_cache_step(tower, (x, x), loss, chunk_size=2.5)
+    with pytest.raises(ValueError, match="chunk_size"):
+        grad_cache_step(tower, (x, x), loss, chunk_size=(2, 3, 4))
     with pytest.raises(ValueError, match="towers"):
         grad_cache_step([tower] * 3, (x, x), loss, chunk_size=2)
     with pytest.raises(TypeError, match="inputs"):

@@ -161,7 +161,8 @@ def grad_cache_step(towers: Callable | Sequence[Callable], inputs: Sequence[Any]
     for t in towers:
         if not callable(t):
             raise TypeError(f"towers must be callables, got {type(t).__name__}")
-    sizes = [chunk_size] * k if isinstance(chunk_size, int) else list(chunk_size)
+    sizes = ([chunk_size] * k if not isinstance(chunk_size, (list, tuple))
+             else list(chunk_size))
     if len(sizes) != k or any(isinstance(c, bool) or not isinstance(c, int) or c < 1
                               for c in sizes):
         raise ValueError(f"chunk_size must be an int >= 1 or one per tower, got {chunk_size!r}")
