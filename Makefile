@@ -14,6 +14,7 @@ $(STAMP): $(SOURCES)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -r .ci/requirements.txt
+	$(PIP) install -q --no-deps open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 	touch $(STAMP)
 

@@ -8,6 +8,7 @@ Functional losses (``tilecl.info_nce``, ``clip_loss``, ``siglip_loss``, ``nt_xen
 
 from . import reference
 from ._backends import available_backends
+from .gradcache import grad_cache_step
 from .losses import (
     HardNegatives,
     cclk_loss,
@@ -31,5 +32,6 @@ __all__ = [
     "supcon", "dcl_loss", "hcl_loss", "debiased_loss", "cclk_loss", "kernel_info_nce",
     "uniformity_loss", "decoupled_uniformity", "InfoNCELoss", "ClipLoss", "NTXentLoss",
     "SupConLoss", "SigLipLoss", "HardNegatives", "matryoshka_info_nce",
+    "grad_cache_step",
 ]
 __version__ = "0.1.0"
