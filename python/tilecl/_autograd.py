@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from . import _backends
+from ._checks import autocast_off
 from ._spec import TileAux, TileSpec
 
 
@@ -59,6 +60,11 @@ class TileStatsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_stats, g_col, g_pos, _g_top_vals, _g_top_idx):
         refuse_double_backward(ctx.backend, ctx.saved_tensors, (g_stats, g_col, g_pos))
+        with autocast_off(ctx.saved_tensors[0].device):  # a backward called under autocast
+            return TileStatsFunction._backward(ctx, g_stats, g_col, g_pos)
+
+    @staticmethod
+    def _backward(ctx, g_stats, g_col, g_pos):
         if ctx.fused_dq and getattr(ctx, "dq_taken", False):
             raise RuntimeError(
                 "tilecl: this SigLIP loss ran the triton backend's fused forward, whose saved "
