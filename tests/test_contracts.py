@@ -71,3 +71,78 @@ def test_mixed_dtypes_outside_autocast_is_a_clear_type_error():
         tilecl.clip_loss(x, y, 10.0)
     with pytest.raises(TypeError, match=r"key has dtype torch.bfloat16 but query has torch.float32"):
         tilecl.info_nce(y, x, temperature=0.1)
+
+
+# ---- query_negatives with false-negative masking (Qwen3-Embedding) -------------------------------
+
+def _qwen3_dense(q, d, tau, margin=None, ratio=None):
+    """Dense transcription of the Qwen3-Embedding InfoNCE, written from its convention: row i's
+    positive is d_i (d may have extra rows), s = cosine similarity (unit inputs), and
+    Z_i = e^{s(q_i, d_i)/tau} + sum_{j != i} m_ij e^{s(q_i, d_j)/tau}
+          + sum_{j != i} m'_ij e^{s(q_i, q_j)/tau} + sum_{j != i} e^{s(d_i, d_j)/tau},
+    with m_ij = 0 (m'_ij = 0) where s(q_i, d_j) (s(q_i, q_j)) > s(q_i, d_i) + margin (or
+    > ratio * s(q_i, d_i), NV-Retriever's variant), the threshold without gradient, the
+    doc-doc terms unmasked; loss = mean_i -log(e^{s(q_i, d_i)/tau} / Z_i)."""
+    n, m = q.shape[0], d.shape[0]
+    s_qd, s_qq, s_dd = q @ d.T, q @ q.T, d[:n] @ d.T  # [N, M], [N, N], [N, M]
+    s_pos = s_qd.diagonal()
+    thr = (s_pos + margin if margin is not None else ratio * s_pos).detach()[:, None]
+    other_d = ~torch.eye(n, m, dtype=torch.bool)
+    other_q = ~torch.eye(n, dtype=torch.bool)
+    terms = [s_pos[:, None] / tau,
+             (s_qd / tau).masked_fill(~other_d | (s_qd > thr), float("-inf")),
+             (s_qq / tau).masked_fill(~other_q | (s_qq > thr), float("-inf")),
+             (s_dd / tau).masked_fill(~other_d, float("-inf"))]
+    log_z = torch.logsumexp(torch.cat(terms, 1), 1)
+    return (log_z - s_pos / tau).mean()
+
+
+def _threshold_backends():
+    from tilecl._backends import unavailable_reason
+
+    names = cpu_backends()
+    if "triton" not in names and unavailable_reason("triton", torch.device("cpu")) is None:
+        names.append("triton")  # small shapes: a few seconds under the interpreter
+    return ["reference"] + names
+
+
+def _clustered(n, m, d, gen):
+    """Queries in 4 tight clusters (query-query similarities above the positive's + margin
+    happen), each query's positive document near it, extra documents beyond N."""
+    centers = torch.randn(4, d, generator=gen, dtype=torch.float64)
+    q = F.normalize(centers[torch.arange(n) % 4] + 0.35 * torch.randn(n, d, generator=gen,
+                                                                       dtype=torch.float64), dim=1)
+    docs = torch.cat([q + 0.45 * torch.randn(n, d, generator=gen, dtype=torch.float64),
+                      torch.randn(m - n, d, generator=gen, dtype=torch.float64)])
+    return q, F.normalize(docs, dim=1)
+
+
+@pytest.mark.parametrize("rule", ["margin", "ratio"])
+@pytest.mark.parametrize("backend", _threshold_backends())
+def test_query_negatives_are_masked_like_keys(backend, rule):
+    """info_nce(query_negatives=True, key_negatives=True, false_negative_margin / ratio) against
+    the dense transcription: loss and the gradients of q, d and the temperature (float64)."""
+    q, d = _clustered(37, 45, 16, torch.Generator().manual_seed(3))
+    kw = {"margin": 0.1} if rule == "margin" else {"ratio": 0.95}
+    tau = torch.tensor(0.05, dtype=torch.float64)
+    # not vacuous: the query-query mask changes the loss, and some masked terms exist
+    s_pos = (q * d[:37]).sum(1, keepdim=True)
+    thr = s_pos + 0.1 if rule == "margin" else 0.95 * s_pos
+    assert int(((q @ q.T) > thr).fill_diagonal_(False).sum()) >= 10
+
+    def ours(q, d, tau):
+        return tilecl.info_nce(q, d, temperature=tau, query_negatives=True, key_negatives=True,
+                               false_negative_margin=kw.get("margin"),
+                               false_negative_ratio=kw.get("ratio"), backend=backend)
+
+    leaves = [t.clone().requires_grad_() for t in (q, d, tau)]
+    want = _qwen3_dense(*leaves, **kw)
+    gw = torch.autograd.grad(want, leaves)
+    unmasked_qq = tilecl.info_nce(q, d, temperature=tau, key_negatives=True, query_negatives=True,
+                                  backend="reference")
+    assert abs(float(want.detach()) - float(unmasked_qq)) > 0.05
+    got = ours(*leaves)
+    gg = torch.autograd.grad(got, leaves)
+    assert_rel(got, want, 1e-10, f"{backend} {rule} loss")
+    for name, a, b in zip(("q", "d", "temperature"), gg, gw):
+        assert_rel(a, b, 1e-9, f"{backend} {rule} d/d{name}")

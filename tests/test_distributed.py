@@ -175,12 +175,15 @@ def _case(name, c: _Ctx):  # noqa: C901  (one branch per loss)
                          lambda query, key, tau: tilecl.info_nce(query, key, temperature=tau,
                                                                  **kw, **ring),
                          ins, {"query": sl, "key": sl}, {"tau": tau})
-    if name == "info_nce_fn":  # false-negative thresholds are row-side: they stay home
+    if name == "info_nce_fn":  # false-negative thresholds are row-side: they stay home; they
+        # mask the visiting query blocks of query_negatives too (Qwen3-Embedding)
         ins = {"query": F.normalize(_gen(1, n, D), dim=1), "key": F.normalize(_gen(2, n, D), dim=1)}
         return c.compare(lambda query, key, tau: tilecl.info_nce(
-            query, key, temperature=tau, false_negative_margin=0.05, backend="reference"),
+            query, key, temperature=tau, false_negative_margin=0.05, query_negatives=True,
+            backend="reference"),
             lambda query, key, tau: tilecl.info_nce(query, key, temperature=tau,
-                                                    false_negative_margin=0.05, **ring),
+                                                    false_negative_margin=0.05,
+                                                    query_negatives=True, **ring),
             ins, {"query": sl, "key": sl}, {"tau": tau})
     if name == "info_nce_topk":  # the hardest negatives merge over the visiting blocks
         ids = torch.arange(n) % max(1, n - 1)  # one duplicate pair

@@ -81,7 +81,9 @@ def info_nce(query, key, *, temperature=None, logit_scale=None, positive_index=N
     ``false_negative_margin`` m (Qwen3-Embedding: 0.1; NV-Retriever's margin variant: -margin) or
     ``false_negative_ratio`` r (NV-Retriever: 0.95): a key whose similarity exceeds the row's
     positive similarity + m (or r times it) is a likely false negative and leaves the
-    denominator (thresholds carry no gradient).
+    denominator (thresholds carry no gradient); with ``query_negatives`` so does another query
+    above that threshold (Qwen3-Embedding masks the query-query terms too; the key-key terms of
+    ``key_negatives`` stay unmasked, as there).
     ``topk_negatives`` k (<= 32): also return each row's k hardest in-batch negatives, streamed
     by the same forward pass (hard-negative mining at no extra pass): the result is
     ``(loss, HardNegatives(similarity [N, k], index [N, k]))``, similarities <q_i, k_j>
