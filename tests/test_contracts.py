@@ -146,3 +146,44 @@ def test_query_negatives_are_masked_like_keys(backend, rule):
     assert_rel(got, want, 1e-10, f"{backend} {rule} loss")
     for name, a, b in zip(("q", "d", "temperature"), gg, gw):
         assert_rel(a, b, 1e-9, f"{backend} {rule} d/d{name}")
+
+
+# ---- SupCon L_in with one view: tilecl vs google-research -----------------------------------------
+
+def _google_supcon_in_one_view(features, labels, tau):
+    """google-research supcon ``contrastive_loss`` (summation INSIDE, denominator ALL,
+    scale_by_temperature, ALL_VIEWS) for num_views = 1, transcribed: per anchor
+    l_i = -tau log(sum_{p in P(i)} e^{s_ip} / D_i / |P(i)|), D_i = sum_{j != i} e^{s_ij}, and
+    then, for V = 1 only, l_i / |P(i)| once more (divide_no_nan: 0 without positives);
+    the per-sample losses are averaged over the batch (Keras SUM_OVER_BATCH_SIZE)."""
+    z = features[:, 0]
+    s = z @ z.T / tau  # [B, B]
+    b = z.shape[0]
+    self_mask = torch.eye(b, dtype=torch.bool)
+    pos = (labels[:, None] == labels[None, :]) & ~self_mask
+    n_pos = pos.sum(1).to(s.dtype)
+    log_den = torch.logsumexp(s.masked_fill(self_mask, float("-inf")), 1)
+    log_pos = torch.logsumexp(s.masked_fill(~pos, float("-inf")), 1)
+    has = n_pos > 0
+    rows = -tau * (log_pos - log_den - torch.log(n_pos.clamp_min(1)))
+    rows = torch.where(has, rows / n_pos.clamp_min(1), torch.zeros_like(rows))
+    return rows.mean(), rows
+
+
+def test_supcon_in_one_view_keeps_one_division_by_the_positives():
+    """tilecl's L_in averages the positives inside the log once for every V; google-research's
+    code divides the V = 1 loss of each anchor by |P(i)| a second time. tilecl keeps its
+    convention (README conventions table): its rows are google-research's times |P(i)|."""
+    gen = torch.Generator().manual_seed(5)
+    feats = F.normalize(torch.randn(23, 1, 8, generator=gen, dtype=torch.float64), dim=2)
+    labels = torch.randint(0, 5, (23,), generator=gen)
+    labels[-1] = 99  # one anchor without positives: 0 in both
+    tau = 0.1
+    ours_rows = tilecl.supcon(feats, labels, temperature=tau, variant="in", reduction="none")
+    ours = tilecl.supcon(feats, labels, temperature=tau, variant="in")
+    g_mean, g_rows = _google_supcon_in_one_view(feats, labels, tau)
+    n_pos = ((labels[:, None] == labels[None, :]).sum(1) - 1).double()
+    assert int((n_pos > 1).sum()) >= 10  # the second division matters for most anchors
+    assert_rel(ours_rows, g_rows * n_pos.clamp_min(1), 1e-12, "tilecl rows = google rows x |P|")
+    assert_rel(ours, ours_rows.mean(), 1e-12, "mean over anchors")
+    assert float(ours) > 1.5 * float(g_mean)  # the two conventions really differ
