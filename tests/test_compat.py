@@ -266,9 +266,18 @@ def test_pml_unsupported():
         pml.SupConLoss(distance=object())
 
 
+def _real_pml():
+    """pytorch_metric_learning.losses; a missing install skips locally and fails under CI=true."""
+    if os.environ.get("CI", "").lower() == "true":
+        import pytorch_metric_learning.losses as pml_losses
+
+        return pml_losses
+    return pytest.importorskip("pytorch_metric_learning.losses")
+
+
 @pytest.mark.parametrize("labels", sorted(SUPCON_LABELS))
 def test_against_real_pml_supcon(labels):
-    pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
+    pml_losses = _real_pml()
     emb = _leaf(40, 16, dtype=torch.float32, normalize=False)
     lab = SUPCON_LABELS[labels](40)
     _compare(pml.SupConLoss(temperature=0.1)(emb, lab),
@@ -278,21 +287,12 @@ def test_against_real_pml_supcon(labels):
 
 @pytest.mark.parametrize("labels", sorted(NTXENT_LABELS))
 def test_against_real_pml_ntxent(labels):
-    pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
+    pml_losses = _real_pml()
     emb = _leaf(40, 16, dtype=torch.float32, normalize=False)
     lab = NTXENT_LABELS[labels](40)
     _compare(pml.NTXentLoss(temperature=0.07)(emb, lab),
              pml_losses.NTXentLoss(temperature=0.07)(emb, lab), [emb], 2e-5,
              "vs pytorch-metric-learning NTXentLoss")
-
-
-def _real_pml():
-    """pytorch_metric_learning.losses; a missing install skips locally and fails under CI=true."""
-    if os.environ.get("CI", "").lower() == "true":
-        import pytorch_metric_learning.losses as pml_losses
-
-        return pml_losses
-    return pytest.importorskip("pytorch_metric_learning.losses")
 
 
 @pytest.mark.parametrize("cls", ["SupConLoss", "NTXentLoss"])

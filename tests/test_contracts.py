@@ -187,3 +187,36 @@ def test_supcon_in_one_view_keeps_one_division_by_the_positives():
     assert_rel(ours_rows, g_rows * n_pos.clamp_min(1), 1e-12, "tilecl rows = google rows x |P|")
     assert_rel(ours, ours_rows.mean(), 1e-12, "mean over anchors")
     assert float(ours) > 1.5 * float(g_mean)  # the two conventions really differ
+
+
+# ---- CI=true: nothing skips for a missing build ---------------------------------------------------
+
+def test_ci_fails_instead_of_dropping_the_native_backend(monkeypatch):
+    """conftest.cpu_backends drops a native backend that cannot run when testing locally, and
+    raises under CI=true; skip_or_fail skips locally and fails under CI=true."""
+    import tilecl._backends as backends
+
+    import conftest
+
+    real = backends.unavailable_reason
+    monkeypatch.setattr(backends, "unavailable_reason",
+                        lambda name, dev: "tilecl._C is not built" if name == "native"
+                        else real(name, dev))
+    monkeypatch.setenv("CI", "false")
+    assert "native" not in conftest.cpu_backends()
+    with pytest.raises(pytest.skip.Exception):
+        conftest.skip_or_fail("no native module")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(RuntimeError, match="CI=true, but the native backend cannot run"):
+        conftest.cpu_backends()
+    with pytest.raises(pytest.fail.Exception, match="CI=true, but no native module"):
+        conftest.skip_or_fail("no native module")
+
+
+def test_golden_cases_live_in_the_repository():
+    """The golden cases and their generator are in tests/golden (a clone can check them)."""
+    import pathlib
+
+    golden = pathlib.Path(__file__).resolve().parent / "golden"
+    assert (golden / "generate.py").is_file()
+    assert len(list(golden.glob("*.json"))) >= 20

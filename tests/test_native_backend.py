@@ -20,9 +20,11 @@ from tilecl import _backends
 from tilecl._autograd import tile_stats
 from tilecl._spec import SumSpec, TileAux, TileSpec
 
+from conftest import skip_or_fail
+
 native = pytest.importorskip("tilecl._native_backend")
 if native.unavailable("cpu") is not None:
-    pytest.skip(f"native backend not built: {native.unavailable('cpu')}", allow_module_level=True)
+    skip_or_fail(f"native backend not built: {native.unavailable('cpu')}", module=True)
 
 ALL, POS = SumSpec("all"), SumSpec("pos")
 
