@@ -36,7 +36,7 @@ CASES = [
     "mismatch_spec", "bf16_clip", "direct_lowrank", "direct_col",
     "direct_bf16", "info_nce_smooth", "info_nce_dup", "info_nce_hard", "info_nce_qq_dd", "info_nce_fn",
     "info_nce_topk", "matryoshka", "cclk_hardneg", "cclk_weaklysup",
-    "decoupled_uniformity_prior", "zero_cclk",
+    "decoupled_uniformity_prior", "zero_cclk", "double_backward",
 ]
 DIRECT = ["direct_lowrank", "direct_col", "direct_bf16"]  # ring_tile_stats itself, also on a one-rank ring
 TOLS = {"bf16_clip": 3e-2, "direct_bf16": 2e-2}  # bf16 inputs and transfers vs the float64 reference
@@ -128,6 +128,16 @@ def _case(name, c: _Ctx):  # noqa: C901  (one branch per loss)
     ring = dict(backend=BACKEND, group=grp)
     two = {"z1": _gen(1, n, D), "z2": _gen(2, n, D)}
     two_sl = {"z1": sl, "z2": sl}
+
+    if name == "double_backward":  # create_graph=True: the same clear refusal on every rank
+        q = _gen(1, n, D)[sl].clone().requires_grad_()
+        loss = tilecl.info_nce(q, _gen(2, n, D)[sl], temperature=0.3, **ring)
+        try:
+            torch.autograd.grad(loss, q, create_graph=True)
+        except RuntimeError as exc:
+            clear = "double backward" in str(exc) and "under the ring" in str(exc)
+            return {"refused_clearly": 0.0 if clear else 1.0}
+        return {"refused_clearly": 1.0}
 
     if name in ("info_nce", "clip_loss"):
         sym = name == "clip_loss"
