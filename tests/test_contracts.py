@@ -64,6 +64,26 @@ def test_autocast_same_dtype_keeps_fp32_precision():
             assert_rel(tilecl.info_nce(q, k, temperature=0.05, backend=b), want.float(), 1e-5, b)
 
 
+def test_autocast_rule_compiles_without_graph_breaks():
+    """The autocast rule (autocast off inside, mixed dtypes promoted) traces with
+    torch.compile(fullgraph=True) on the triton backend, and matches eager."""
+    from tilecl._backends import unavailable_reason
+
+    from conftest import skip_or_fail
+
+    why = unavailable_reason("triton", torch.device("cpu"))
+    if why is not None:
+        skip_or_fail(f"triton cannot run here: {why}")
+    x, y = _unit(9, 4, torch.bfloat16), _unit(9, 4, torch.float32)
+
+    def fn(a, b):
+        return tilecl.clip_loss(a, b, 10.0, backend="triton")
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert_rel(compiled(x, y), fn(x, y), 1e-6, "compiled vs eager")
+
+
 def test_mixed_dtypes_outside_autocast_is_a_clear_type_error():
     x, y = _unit(5, 4, torch.bfloat16), _unit(5, 4, torch.float32)
     with pytest.raises(TypeError, match=r"text_features has dtype torch.float32 but "

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 import math
 
@@ -14,9 +13,10 @@ from ._spec import compute_dtype  # noqa: F401  (losses.py uses C.compute_dtype)
 REDUCTIONS = ("mean", "sum", "none")
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-# True while a public loss runs that was called under torch.autocast (autocast itself is off
-# inside): feature tensors of different float dtypes are then computed in the widest of them
-_UNDER_AUTOCAST = contextvars.ContextVar("tilecl_under_autocast", default=False)
+# > 0 while a public loss runs that was called under torch.autocast (autocast itself is off
+# inside): feature tensors of different float dtypes are then computed in the widest of them.
+# A module-level count rather than a ContextVar: torch.compile traces a global's update.
+_UNDER_AUTOCAST = 0
 
 
 def autocast_on(device) -> bool:
@@ -40,12 +40,13 @@ def autocast_rule(fn):
                    None)
         if dev is None or not autocast_on(dev):
             return fn(*args, **kwargs)
-        token = _UNDER_AUTOCAST.set(True)
+        global _UNDER_AUTOCAST
+        _UNDER_AUTOCAST += 1
         try:
             with torch.autocast(dev.type, enabled=False):
                 return fn(*args, **kwargs)
         finally:
-            _UNDER_AUTOCAST.reset(token)
+            _UNDER_AUTOCAST -= 1
 
     return run
 
@@ -83,7 +84,7 @@ def features(t, name, *, dim=2, like=None, like_name=None, same_rows=False, same
     if like is not None:
         if t.device != like.device:
             raise ValueError(f"{name} is on {t.device} but {like_name} is on {like.device}")
-        if t.dtype != like.dtype and not _UNDER_AUTOCAST.get():
+        if t.dtype != like.dtype and not _UNDER_AUTOCAST:
             raise TypeError(f"{name} has dtype {t.dtype} but {like_name} has {like.dtype}: cast "
                             f"one of them (under torch.autocast the wider dtype is used)")
         if same_cols and t.shape[-1] != like.shape[-1]:
