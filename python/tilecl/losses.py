@@ -2,15 +2,16 @@
 tiled family (``_family.py``) on the chosen backend.
 
 Shapes: ``[N, D]`` embeddings (``[B, V, D]`` for SupCon and decoupled uniformity); any float
-dtype; the loss is fp32 for fp16/bf16 inputs (float64 for float64). Under ``torch.autocast``
-a loss runs at its inputs' precision (autocast is off inside), and features of different
-dtypes (bf16 against fp32) are computed in the wider one; outside autocast they are a
-TypeError. ``temperature`` tau and ``logit_scale`` alpha are both accepted where the official
-code uses one or the other: logits are ``alpha <q, k>`` with ``alpha = 1 / tau``; either may
-be a float or a 0-dim tensor, and gradient flows to a tensor that requires it. ``reduction``
-is "mean" (the official normalization), "sum" or "none" (per-anchor terms). ``backend`` is
-"auto", "reference", "torch", "triton" or "native" (``TILECL_BACKEND`` overrides "auto").
-``group`` is a torch.distributed process group for the ring exchange (None: single process).
+dtype; the loss is fp32 for fp16/bf16 inputs (float64 for float64). ``temperature`` tau and
+``logit_scale`` alpha are both accepted where the official code uses one or the other:
+logits are ``alpha <q, k>`` with ``alpha = 1 / tau``; either may be a float or a 0-dim tensor,
+and gradient flows to a tensor that requires it. ``reduction`` is "mean" (the official
+normalization), "sum" or "none" (per-anchor terms). ``backend`` is "auto", "reference",
+"torch", "triton" or "native" (``TILECL_BACKEND`` overrides "auto"). ``group`` is a
+torch.distributed process group for the ring exchange (None: single process).
+Under ``torch.autocast`` a loss runs at its inputs' precision (autocast is off inside), and
+features of different dtypes (bf16 against fp32) are computed in the wider one; outside
+autocast they are a TypeError.
 """
 
 from __future__ import annotations
