@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Compile the Triton kernels with the Triton of the GPU machine (3.6.0, ../shared/GPU.md) too:
+# Compile the Triton kernels with the Triton of the GPU machine (3.6.0) too:
 # the pinned 3.7.1 runs the tests, but a GPU run uses whatever Triton its torch was built with.
 # The wheel is unpacked beside the venv's own Triton (PYTHONPATH first), once per venv.
 # (Triton 3.6's interpreter cannot run under NumPy >= 2.3, so this is a compile check only.)

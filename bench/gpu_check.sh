@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The first call of a GPU session (../shared/GPU.md; the benchmark is bench/run_gpu.sh, the
+# The first call of a GPU session (the benchmark is bench/run_gpu.sh, the
 # second): device and versions, the native CUDA build, the GPU-marked tests (bf16 at large
 # shapes, tf32, both column-LSE forwards, SigLIP's fused forward, the chunked backward),
 # compute-sanitizer memcheck on one small case per GPU backend. Budgeted under 8 minutes;

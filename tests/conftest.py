@@ -21,6 +21,19 @@ import tilecl._torch_tiled as torch_tiled
 TEST_TILE = (16, 24)
 
 
+def on_ci() -> bool:
+    """CI=true: the machine builds everything the suite tests, so nothing may skip for a missing
+    build or missing data."""
+    return os.environ.get("CI", "").lower() == "true"
+
+
+def skip_or_fail(reason, *, module=False):
+    """pytest.skip locally; under CI=true a missing piece fails the run instead."""
+    if on_ci():
+        pytest.fail(f"CI=true, but {reason}", pytrace=False)
+    pytest.skip(reason, allow_module_level=module)
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_tiles():
     torch.manual_seed(0)
@@ -56,7 +69,9 @@ def assert_rel(actual, expected, tol, what):
 def cpu_backends():
     """Tile backends that can run on this CPU. The triton backend joins the loss-level sweeps
     only on request (TILECL_TEST_TRITON=1, about 10 more minutes under the interpreter);
-    tests/test_triton_backend.py covers its kernels in every run."""
+    tests/test_triton_backend.py covers its kernels in every run. Under CI=true a native
+    backend that cannot run (tilecl._C not built or not importable) is an error, not a silently
+    shorter list."""
     from tilecl._backends import unavailable_reason
 
     names = ["torch"]
@@ -64,6 +79,9 @@ def cpu_backends():
         if name == "triton" and (os.environ.get("TRITON_INTERPRET") != "1"
                                  or os.environ.get("TILECL_TEST_TRITON") != "1"):
             continue
-        if unavailable_reason(name, torch.device("cpu")) is None:
+        why = unavailable_reason(name, torch.device("cpu"))
+        if why is None:
             names.append(name)
+        elif name == "native" and on_ci():
+            raise RuntimeError(f"CI=true, but the native backend cannot run on this CPU: {why}")
     return names

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from . import _backends
+from ._checks import autocast_off
 from ._spec import TileAux, TileSpec
 
 
@@ -58,6 +59,12 @@ class TileStatsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_stats, g_col, g_pos, _g_top_vals, _g_top_idx):
+        refuse_double_backward(ctx.backend, ctx.saved_tensors, (g_stats, g_col, g_pos))
+        with autocast_off(ctx.saved_tensors[0].device):  # a backward called under autocast
+            return TileStatsFunction._backward(ctx, g_stats, g_col, g_pos)
+
+    @staticmethod
+    def _backward(ctx, g_stats, g_col, g_pos):
         if ctx.fused_dq and getattr(ctx, "dq_taken", False):
             raise RuntimeError(
                 "tilecl: this SigLIP loss ran the triton backend's fused forward, whose saved "
@@ -100,6 +107,26 @@ class TileStatsFunction(torch.autograd.Function):
             dk = None
         return (_cast(dq, q, needs[0]), _cast(dk, k, needs[1]), _cast(da, alpha, needs[2]),
                 _cast(db, bias, needs[3]), None, None, None, None)
+
+
+def refuse_double_backward(backend, saved, grads, ring=False):
+    """A clear error instead of a wrong or obscure one when the gradient itself is to be
+    differentiated (``create_graph=True``: grad mode on in backward, with an input or an
+    upstream gradient that requires grad). The tile backends recompute the tiles outside
+    autograd (custom ops, in-place tile updates), so their gradients carry no graph; the dense
+    ``reference`` backend is plain autograd and is differentiable twice (but for its
+    cdist / pdist losses)."""
+    if not torch.is_grad_enabled():
+        return
+    if not any(t is not None and t.requires_grad for t in (*saved, *grads)):
+        return
+    where = "under the ring (group=)" if ring else f"by the {backend!r} backend"
+    raise RuntimeError(
+        f"tilecl: double backward (a gradient of a gradient, create_graph=True) is not supported "
+        f"{where}: its backward recomputes the tiles outside autograd. Use backend='reference' "
+        f"(dense PyTorch, N x M memory) in a single process for higher-order gradients (every "
+        f"loss but kernel_info_nce, uniformity_loss and decoupled_uniformity, whose PyTorch "
+        f"cdist / pdist is differentiable once)")
 
 
 def _backward_fused_dq(ctx, impl, q, k, alpha, bias, stats, g_stats, saved_dq, needs):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 
 import torch
@@ -10,6 +12,60 @@ from ._spec import compute_dtype  # noqa: F401  (losses.py uses C.compute_dtype)
 
 REDUCTIONS = ("mean", "sum", "none")
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# > 0 while a public loss runs that was called under torch.autocast (autocast itself is off
+# inside): feature tensors of different float dtypes are then computed in the widest of them.
+# A module-level count rather than a ContextVar: torch.compile traces a global's update.
+_UNDER_AUTOCAST = 0
+
+
+def autocast_on(device) -> bool:
+    """Whether torch.autocast is enabled for ``device``'s type."""
+    try:
+        return bool(torch.is_autocast_enabled(device.type))
+    except TypeError:  # torch < 2.4: no device argument
+        return bool(torch.is_autocast_cpu_enabled() if device.type == "cpu"
+                    else torch.is_autocast_enabled())
+
+
+def autocast_rule(fn):
+    """Decorator of the public losses. Under ``torch.autocast`` a loss runs with autocast off,
+    at the precision of its inputs (fp32 accumulation, as for F.cross_entropy, which autocast
+    runs in fp32), and features of different float dtypes (bf16 image features against cached
+    fp32 text features) are computed in the wider dtype instead of being refused."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        dev = next((a.device for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)),
+                   None)
+        if dev is None or not autocast_on(dev):
+            return fn(*args, **kwargs)
+        global _UNDER_AUTOCAST
+        _UNDER_AUTOCAST += 1
+        try:
+            with torch.autocast(dev.type, enabled=False):
+                return fn(*args, **kwargs)
+        finally:
+            _UNDER_AUTOCAST -= 1
+
+    return run
+
+
+def autocast_off(device):
+    """A context with autocast off for ``device`` (a no-op where it is off already): the tile
+    backward recomputes logits at the forward's precision whatever context it is called in."""
+    if not autocast_on(device):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)
+
+
+def widest(*ts):
+    """The tensors (None passes) in the widest float dtype among them: called by a loss under
+    torch.autocast only, where ``features`` let different dtypes through."""
+    dts = [t.dtype for t in ts if t is not None]
+    dt = functools.reduce(torch.promote_types, dts)
+    out = tuple(t if t is None or t.dtype == dt else t.to(dt) for t in ts)
+    return out
 
 
 def features(t, name, *, dim=2, like=None, like_name=None, same_rows=False, same_cols=True,
@@ -28,8 +84,9 @@ def features(t, name, *, dim=2, like=None, like_name=None, same_rows=False, same
     if like is not None:
         if t.device != like.device:
             raise ValueError(f"{name} is on {t.device} but {like_name} is on {like.device}")
-        if t.dtype != like.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but {like_name} has {like.dtype}")
+        if t.dtype != like.dtype and not _UNDER_AUTOCAST:
+            raise TypeError(f"{name} has dtype {t.dtype} but {like_name} has {like.dtype}: cast "
+                            f"one of them (under torch.autocast the wider dtype is used)")
         if same_cols and t.shape[-1] != like.shape[-1]:
             raise ValueError(f"{name} has feature dimension {t.shape[-1]} but {like_name} has "
                              f"{like.shape[-1]}")

@@ -133,8 +133,13 @@ def info_nce(query, key, alpha, positive_index, symmetric, reduction, backend, g
         lse = torch.logaddexp(lse, torch.logsumexp(extra, 1))
     if query_negatives:  # q_i against the other queries (Qwen3-Embedding), one more tile sweep
         q_off = _col_offset(n, group)
-        qq, _, _ = _stats(TileSpec(sums=(ALL,)), query, query, alpha, None,
-                          TileAux(excl=_arange(n, query, q_off), col_offset=q_off), backend, group)
+        q_aux = TileAux(excl=_arange(n, query, q_off), col_offset=q_off)
+        if threshold:  # Qwen3-Embedding masks query-query terms above the same threshold as the
+            # keys (s(q_i, q_j) > s(q_i, d_i+) + m); the flag needs a positive column: none (-1)
+            q_aux.pos, q_aux.thresh = torch.full_like(pos, -1), aux.thresh
+        qq, _, _ = _stats(TileSpec(positive="index" if threshold else "none", sums=(ALL,),
+                                   threshold=threshold), query, query, alpha, None, q_aux,
+                          backend, group)
         lse = torch.logaddexp(lse, qq[0])
     if key_negatives:  # the row's positive key against the other keys
         dd, _, _ = _stats(TileSpec(sums=(ALL,)), key[pos], key, alpha, None,

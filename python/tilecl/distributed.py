@@ -307,6 +307,9 @@ class _RingTileStats(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_stats, g_col, _g_top_vals, _g_top_idx):
+        from ._autograd import refuse_double_backward
+
+        refuse_double_backward(ctx.backend, ctx.saved_tensors, (g_stats, g_col), ring=True)
         q, k, alpha, bias, stats, col = ctx.saved_tensors
         spec, aux, ring, sizes, offsets = ctx.spec, ctx.aux, ctx.ring, ctx.sizes, ctx.offsets
         bias = bias if ctx.has_bias else None

@@ -9,6 +9,9 @@ and gradient flows to a tensor that requires it. ``reduction`` is "mean" (the of
 normalization), "sum" or "none" (per-anchor terms). ``backend`` is "auto", "reference",
 "torch", "triton" or "native" (``TILECL_BACKEND`` overrides "auto"). ``group`` is a
 torch.distributed process group for the ring exchange (None: single process).
+Under ``torch.autocast`` a loss runs at its inputs' precision (autocast is off inside), and
+features of different dtypes (bf16 against fp32) are computed in the wider one; outside
+autocast they are a TypeError.
 """
 
 from __future__ import annotations
@@ -42,8 +45,10 @@ def _route(backend, device, group):
 
 
 def _pair(a, a_name, b, b_name, *, same_rows, group=None):
+    """The checked pair, in the wider dtype of the two (they differ only under autocast)."""
     C.features(a, a_name, allow_empty=group is not None)
     C.features(b, b_name, like=a, like_name=a_name, same_rows=same_rows, allow_empty=group is not None)
+    return C.widest(a, b)
 
 
 def _positives(positive_index, n, m, query):
@@ -56,6 +61,7 @@ def _positives(positive_index, n, m, query):
     return C.index(positive_index, "positive_index", n, m, query)
 
 
+@C.autocast_rule
 def info_nce(query, key, *, temperature=None, logit_scale=None, positive_index=None,
              symmetric=False, label_smoothing=0.0, key_ids=None, hard_negatives=None,
              query_negatives=False, key_negatives=False, false_negative_margin=None,
@@ -76,7 +82,9 @@ def info_nce(query, key, *, temperature=None, logit_scale=None, positive_index=N
     ``false_negative_margin`` m (Qwen3-Embedding: 0.1; NV-Retriever's margin variant: -margin) or
     ``false_negative_ratio`` r (NV-Retriever: 0.95): a key whose similarity exceeds the row's
     positive similarity + m (or r times it) is a likely false negative and leaves the
-    denominator (thresholds carry no gradient).
+    denominator (thresholds carry no gradient); with ``query_negatives`` so does another query
+    above that threshold (Qwen3-Embedding masks the query-query terms too; the key-key terms of
+    ``key_negatives`` stay unmasked, as there).
     ``topk_negatives`` k (<= 32): also return each row's k hardest in-batch negatives, streamed
     by the same forward pass (hard-negative mining at no extra pass): the result is
     ``(loss, HardNegatives(similarity [N, k], index [N, k]))``, similarities <q_i, k_j>
@@ -89,7 +97,7 @@ def info_nce(query, key, *, temperature=None, logit_scale=None, positive_index=N
         loss = tilecl.info_nce(q, k, temperature=0.07)            # q, k: [N, D]
         loss, hard = tilecl.info_nce(q, k, temperature=0.07, topk_negatives=4)
     """
-    _pair(query, "query", key, "key", same_rows=False, group=group)
+    query, key = _pair(query, "query", key, "key", same_rows=False, group=group)
     n, m = query.shape[0], key.shape[0]
     alpha = C.scale(temperature, logit_scale, query, rows=None if symmetric else n)
     if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) or not (
@@ -104,6 +112,7 @@ def info_nce(query, key, *, temperature=None, logit_scale=None, positive_index=N
                    same_rows=True, allow_empty=group is not None, shape="[N, K, D]")
         if symmetric:
             raise ValueError("hard_negatives cannot be combined with symmetric=True")
+        query, key, hard_negatives = C.widest(query, key, hard_negatives)
     if false_negative_margin is not None or false_negative_ratio is not None:
         if false_negative_margin is not None and false_negative_ratio is not None:
             raise ValueError("give at most one of false_negative_margin and false_negative_ratio")
@@ -146,6 +155,7 @@ def info_nce(query, key, *, temperature=None, logit_scale=None, positive_index=N
     return out if not topk_negatives else (out[0], HardNegatives(*out[1]))
 
 
+@C.autocast_rule
 def matryoshka_info_nce(query, key, dims, *, weights=None, temperature=None, logit_scale=None,
                         positive_index=None, symmetric=False, reduction="mean", backend="auto",
                         group=None):
@@ -162,7 +172,7 @@ def matryoshka_info_nce(query, key, dims, *, weights=None, temperature=None, log
 
         loss = tilecl.matryoshka_info_nce(q, k, dims=(768, 512, 256, 128, 64), temperature=0.05)
     """
-    _pair(query, "query", key, "key", same_rows=False, group=group)
+    query, key = _pair(query, "query", key, "key", same_rows=False, group=group)
     n, m, d = query.shape[0], key.shape[0], query.shape[1]
     alpha = C.scale(temperature, logit_scale, query)
     if isinstance(dims, int) or not hasattr(dims, "__iter__"):
@@ -199,6 +209,7 @@ def matryoshka_info_nce(query, key, dims, *, weights=None, temperature=None, log
     return total
 
 
+@C.autocast_rule
 def clip_loss(image_features, text_features, logit_scale, *, reduction="mean", backend="auto",
               group=None):
     """open_clip ``ClipLoss``: (CE(alpha I T^T) + CE(alpha T I^T)) / 2 with the diagonal as
@@ -208,12 +219,13 @@ def clip_loss(image_features, text_features, logit_scale, *, reduction="mean", b
 
         loss = tilecl.clip_loss(img, txt, model.logit_scale.exp())   # img, txt: [N, D]
     """
-    _pair(image_features, "image_features", text_features, "text_features", same_rows=True,
-          group=group)
+    image_features, text_features = _pair(image_features, "image_features", text_features,
+                                          "text_features", same_rows=True, group=group)
     return info_nce(image_features, text_features, logit_scale=logit_scale, symmetric=True,
                     reduction=reduction, backend=backend, group=group)
 
 
+@C.autocast_rule
 def siglip_loss(image_features, text_features, logit_scale, logit_bias, *, labels=None,
                 text_labels=None, reduction="mean", backend="auto", group=None):
     """SigLIP (big_vision / open_clip ``SigLipLoss``): -sum_j log sigmoid(y_ij s_ij) / N with
@@ -227,8 +239,8 @@ def siglip_loss(image_features, text_features, logit_scale, logit_bias, *, label
 
         loss = tilecl.siglip_loss(img, txt, t_prime.exp(), bias)
     """
-    _pair(image_features, "image_features", text_features, "text_features", same_rows=False,
-          group=group)
+    image_features, text_features = _pair(image_features, "image_features", text_features,
+                                          "text_features", same_rows=False, group=group)
     n, m = image_features.shape[0], text_features.shape[0]
     alpha = C.positive_scalar(logit_scale, "logit_scale", image_features)
     bias = C.real_scalar(logit_bias, "logit_bias", image_features)
@@ -251,12 +263,14 @@ def siglip_loss(image_features, text_features, logit_scale, logit_bias, *, label
 
 
 def _two_views(z1, z2, min_rows=1, group=None):
-    _pair(z1, "z1", z2, "z2", same_rows=True, group=group)
+    z1, z2 = _pair(z1, "z1", z2, "z2", same_rows=True, group=group)
     if group is None and z1.shape[0] < min_rows:
         raise ValueError(f"this loss needs at least {min_rows} samples per view (negatives), "
                          f"got {z1.shape[0]}")
+    return z1, z2
 
 
+@C.autocast_rule
 def nt_xent(z1, z2, *, temperature=0.5, convention="pytorch", reduction="mean", backend="auto",
             group=None):
     """SimCLR NT-Xent over the 2N anchors of [z1; z2], self excluded, positive i <-> i + N
@@ -267,7 +281,7 @@ def nt_xent(z1, z2, *, temperature=0.5, convention="pytorch", reduction="mean", 
 
         loss = tilecl.nt_xent(F.normalize(h1, dim=1), F.normalize(h2, dim=1), temperature=0.5)
     """
-    _two_views(z1, z2, group=group)
+    z1, z2 = _two_views(z1, z2, group=group)
     alpha = C.scale(temperature, None, z1)
     C.choice(convention, "convention", ("pytorch", "simclr_tf"))
     C.reduction(reduction)
@@ -278,6 +292,7 @@ def nt_xent(z1, z2, *, temperature=0.5, convention="pytorch", reduction="mean", 
     return _family.nt_xent(z1, z2, alpha, convention, reduction, name, group)
 
 
+@C.autocast_rule
 def supcon(features, labels=None, *, temperature=0.07, base_temperature=0.07, contrast_mode="all",
            variant="out", scale=None, reduction="mean", backend="auto", group=None):
     """Supervised contrastive loss (Khosla et al.), SupContrast layout (math.md 4).
@@ -322,6 +337,7 @@ def _normalized(z1, z2, normalize):
     return F.normalize(z1, dim=1), F.normalize(z2, dim=1)
 
 
+@C.autocast_rule
 def dcl_loss(z1, z2, *, temperature=0.1, weighted=False, sigma=0.5, normalize=False,
              reduction="mean", backend="auto", group=None):
     """Decoupled contrastive loss DCL / DCLW (Yeh et al.; lightly >= 1.5.21 convention):
@@ -329,7 +345,7 @@ def dcl_loss(z1, z2, *, temperature=0.1, weighted=False, sigma=0.5, normalize=Fa
     (math.md 8.1). weighted=True: DCLW, positive weight 2 - B softmax(<z1_k, z2_k> / sigma).
     normalize=True L2-normalizes the inputs first, as lightly's DCLLoss does.
     """
-    _two_views(z1, z2, min_rows=2, group=group)
+    z1, z2 = _two_views(z1, z2, min_rows=2, group=group)
     alpha = C.scale(temperature, None, z1)
     sigma = C.plain_positive(sigma, "sigma")
     C.reduction(reduction)
@@ -348,24 +364,26 @@ def _tau_plus(tau_plus):
     return float(tau_plus)
 
 
+@C.autocast_rule
 def hcl_loss(z1, z2, *, temperature=0.5, tau_plus=0.1, beta=1.0, reduction="mean",
              backend="auto", group=None):
     """Hard-negative contrastive loss (Robinson et al., joshr17/HCL): importance weights
     exp(beta s) on the negatives (not detached), debiasing with class prior tau_plus, floor
     N_n e^(-1/T); mean over the 2B anchors (math.md 8.2). Pass normalized embeddings.
     """
-    _two_views(z1, z2, min_rows=2, group=group)
+    z1, z2 = _two_views(z1, z2, min_rows=2, group=group)
     alpha = C.scale(temperature, None, z1)
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or beta < 0:
         raise ValueError(f"beta must be a float >= 0, got {beta!r}")
     return _hard_negative(z1, z2, alpha, _tau_plus(tau_plus), float(beta), reduction, backend, group)
 
 
+@C.autocast_rule
 def debiased_loss(z1, z2, *, temperature=0.5, tau_plus=0.1, reduction="mean", backend="auto",
                   group=None):
     """Debiased contrastive loss (Chuang et al., chingyaoc/DCL): HCL with beta = 0
     (math.md 8.3). Pass normalized embeddings."""
-    _two_views(z1, z2, min_rows=2, group=group)
+    z1, z2 = _two_views(z1, z2, min_rows=2, group=group)
     alpha = C.scale(temperature, None, z1)
     return _hard_negative(z1, z2, alpha, _tau_plus(tau_plus), 0.0, reduction, backend, group)
 
@@ -382,12 +400,13 @@ def _hard_negative(z1, z2, alpha, tau_plus, beta, reduction, backend, group):
     return _family.hard_negative(z1, z2, alpha, tau_plus, beta, reduction, name, group)
 
 
+@C.autocast_rule
 def kernel_info_nce(z1, z2, *, temperature=0.5, gamma=2.0, eps=1e-6, reduction="mean",
                     backend="auto", group=None):
     """Kernel-InfoNCE (Tan et al., yifanzhang-pro/Kernel-InfoNCE ``gamma_loss``): logits
     -||z_i - z_j||^gamma / T over [z1; z2], self excluded, positive kept in the denominator,
     -log(pos / (clamp(neg, eps) + eps)), mean over 2B (math.md 7)."""
-    _two_views(z1, z2, group=group)
+    z1, z2 = _two_views(z1, z2, group=group)
     alpha = C.scale(temperature, None, z1)
     gamma = C.plain_positive(gamma, "gamma")
     eps = C.plain_positive(eps, "eps")
@@ -399,6 +418,7 @@ def kernel_info_nce(z1, z2, *, temperature=0.5, gamma=2.0, eps=1e-6, reduction="
     return _family.kernel_info_nce(z1, z2, alpha, gamma, eps, reduction, name, group)
 
 
+@C.autocast_rule
 def cclk_loss(z1, z2, weight_x=None, weight_y=None, *, conditions=None, lam=0.1, temperature=0.5,
               mode="hardneg", normalize=False, reduction="mean", backend="auto", group=None):
     """Conditional contrastive learning with kernel, CCL-K (Tsai et al., Crazy-Jack/CCLK-release),
@@ -412,7 +432,7 @@ def cclk_loss(z1, z2, weight_x=None, weight_y=None, *, conditions=None, lam=0.1,
     reduction "none" gives [2B] terms: view-1 anchors, then view-2 anchors. Under the ring
     (``group=``) only ``conditions`` work: a dense W is a global B x B matrix.
     """
-    _two_views(z1, z2, group=group)
+    z1, z2 = _two_views(z1, z2, group=group)
     b = z1.shape[0]
     alpha = C.scale(temperature, None, z1)
     C.choice(mode, "mode", ("hardneg", "weaklysup"))
@@ -454,6 +474,7 @@ def cclk_loss(z1, z2, weight_x=None, weight_y=None, *, conditions=None, lam=0.1,
     return _family.cclk(z1, z2, alpha, None, factors, mode, reduction, name, group)
 
 
+@C.autocast_rule
 def uniformity_loss(x, *, t=2.0, backend="auto", group=None):
     """Uniformity (Wang & Isola, ssnl/align_uniform): log mean_{i<j} exp(-t ||x_i - x_j||^2)
     over the rows of x [N, D] (N >= 2), math.md 6.2. t: float or 0-dim tensor > 0."""
@@ -467,6 +488,7 @@ def uniformity_loss(x, *, t=2.0, backend="auto", group=None):
     return _family.uniformity(x, alpha, name, group)
 
 
+@C.autocast_rule
 def decoupled_uniformity(z, prior=None, *, t=2.0, kernel="rbf", sigma=1.0, lam=0.01,
                          backend="auto", group=None):
     """Decoupled uniformity (Dufumier et al., Duplums/contrastive-decoupled-uniformity), math.md 6.1:

@@ -40,7 +40,8 @@ def info_nce(query, key, *, temperature=None, logit_scale=None, positive_index=N
     query_negatives: the other queries q_j (j != i) are negatives too; key_negatives: so are the
     keys against the row's positive key, s(k_pos(i), k_j), j != pos(i) (Qwen3-Embedding);
     false_negative_margin m / ratio r: a key scoring above s_pos + alpha m (or r s_pos) is not a
-    negative (thresholds detached); topk_negatives k: also return (similarity [N, k], index
+    negative (thresholds detached), nor is such a query under query_negatives (key-key terms
+    stay unmasked, as in Qwen3-Embedding); topk_negatives k: also return (similarity [N, k], index
     [N, k]) of each row's k hardest shared keys that are still negatives, padded with -inf / -1."""
     alpha = scale_of(temperature, logit_scale)
     if isinstance(alpha, torch.Tensor) and alpha.dim() == 1:
@@ -62,10 +63,12 @@ def info_nce(query, key, *, temperature=None, logit_scale=None, positive_index=N
     top = _hardest(logits, pos, alpha, topk_negatives) if topk_negatives else None
     if hard_negatives is not None:
         logits = torch.cat([logits, alpha * torch.einsum("nd,nkd->nk", query, hard_negatives)], 1)
-    if query_negatives:
+    if query_negatives:  # masked like the keys under a false-negative threshold (Qwen3-Embedding)
         qq = alpha * (query @ query.T)
-        logits = torch.cat([logits, qq.masked_fill(torch.eye(n, dtype=torch.bool,
-                                                             device=qq.device), float("-inf"))], 1)
+        drop = torch.eye(n, dtype=torch.bool, device=qq.device)
+        if false_negative_margin is not None or false_negative_ratio is not None:
+            drop = drop | (qq > thr)
+        logits = torch.cat([logits, qq.masked_fill(drop, float("-inf"))], 1)
     if key_negatives:
         dd = alpha * (key[pos] @ key.T)
         self_col = torch.arange(key.shape[0], device=key.device)[None, :] == pos[:, None]

@@ -17,8 +17,12 @@ the reducers, and a zero loss when the batch has no positive pair or no negative
   the other positives (math.md 4.2, ONE_POSITIVE: two passes), which the tiled API cannot express:
   ``NotImplementedError``.
 
+A call without labels (and without ``indices_tuple``) raises PML's own ``ValueError``. The loss
+comes back in the embeddings' dtype, as PML returns it (computed in fp32 for fp16 / bf16
+embeddings, rounded once at the end).
+
 Not supported (``NotImplementedError``): ``indices_tuple`` (miners), ``ref_emb`` / ``ref_labels``,
-labels=None, and constructor options other than ``temperature`` (``distance``, ``reducer``,
+and constructor options other than ``temperature`` (``distance``, ``reducer``,
 ``embedding_regularizer``, ...).
 
 Migration::
@@ -61,9 +65,8 @@ def _check_forward(cls, labels, indices_tuple, ref_emb, ref_labels):
     if ref_emb is not None or ref_labels is not None:
         raise NotImplementedError(f"tilecl.compat.pml.{cls}: ref_emb / ref_labels are not "
                                   "supported")
-    if labels is None:
-        raise NotImplementedError(f"tilecl.compat.pml.{cls}: labels=None is not supported "
-                                  "(it needs miner indices)")
+    if labels is None:  # PML's GenericPairLoss check, type and message
+        raise ValueError("labels and indices_tuple cannot both be None")
 
 
 def _rows(embeddings, ids, temperature, backend):
@@ -76,12 +79,12 @@ def _rows(embeddings, ids, temperature, backend):
 
 
 def _zero(embeddings):
-    return (embeddings.sum() * 0).float()
+    return embeddings.sum() * 0  # in the embeddings' dtype, connected to the graph
 
 
 class SupConLoss(nn.Module):
     """pytorch-metric-learning ``SupConLoss(temperature=0.1)``; forward(embeddings [N, D],
-    labels [N]) -> 0-dim fp32 loss. ``backend``: a tilecl backend name."""
+    labels [N]) -> 0-dim loss in the embeddings' dtype. ``backend``: a tilecl backend name."""
 
     def __init__(self, temperature=0.1, *, backend="auto", **kwargs):
         super().__init__()
@@ -97,13 +100,14 @@ class SupConLoss(nn.Module):
         has_pos = n_pos > 0
         if n_classes < 2 or not bool(has_pos.any()):  # no negative pair, or no positive pair
             return _zero(embeddings)
-        return rows[has_pos].sum() / has_pos.sum()
+        return (rows[has_pos].sum() / has_pos.sum()).to(embeddings.dtype)
 
 
 class NTXentLoss(nn.Module):
     """pytorch-metric-learning ``NTXentLoss(temperature=0.07)``; forward(embeddings [N, D],
-    labels [N]) -> 0-dim fp32 loss, for labels that occur at most twice each (SimCLR's two views:
-    ``labels = torch.arange(B).repeat(2)``). ``backend``: a tilecl backend name."""
+    labels [N]) -> 0-dim loss in the embeddings' dtype, for labels that occur at most twice each
+    (SimCLR's two views: ``labels = torch.arange(B).repeat(2)``). ``backend``: a tilecl backend
+    name."""
 
     def __init__(self, temperature=0.07, *, backend="auto", **kwargs):
         super().__init__()
@@ -125,7 +129,7 @@ class NTXentLoss(nn.Module):
         has_pos = n_pos > 0
         if counts.numel() < 2 or not bool(has_pos.any()):
             return _zero(embeddings)
-        return rows[has_pos].sum() / has_pos.sum()
+        return (rows[has_pos].sum() / has_pos.sum()).to(embeddings.dtype)
 
 
 __all__ = ["SupConLoss", "NTXentLoss"]
