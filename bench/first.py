@@ -126,13 +126,17 @@ def input_bytes(loss: str, n: int, d: int, dtype: str) -> int:
     return 2 * n * d * (2 * ITEMSIZE[dtype] + 4)
 
 
+# one point's process before its first call: Python, torch, CUDA context, tilecl's imports
+PROCESS_S = 5.0
+
+
 def estimate(loss, provider, n, d, dtype, device, calls: Calls):
     """(seconds for the whole point, peak bytes on the device) by the cost model."""
     from . import providers as P
 
     c = cost(provider, device)
     per_call = P.flops(loss, "fwd_bwd", n, d=d) / (c.tflops * 1e12)
-    seconds = c.compile_s + calls.count(per_call) * per_call
+    seconds = PROCESS_S + c.compile_s + calls.count(per_call) * per_call
     nbytes = c.nn_copies * n * n * ITEMSIZE[dtype] + c.fixed_mib * MiB + input_bytes(loss, n, d, dtype)
     return seconds, nbytes
 
@@ -320,7 +324,7 @@ def _row(r):
             f"| {of} | {r.get('mem_mib', float('nan')):.0f} | {r.get('plan_s', '')} | {note} |")
 
 
-def summary_markdown(env, points, tests=()):
+def summary_markdown(env, points, tests=(), device="cuda"):
     lines = ["# First GPU call: targets, native timing, tests", "",
              f"- device: {env.get('device')} ({env.get('nvidia_smi')}), date {env.get('date_utc')}",
              f"- versions: torch {env.get('torch')} (CUDA {env.get('torch_cuda')}), triton "
@@ -329,11 +333,12 @@ def summary_markdown(env, points, tests=()):
              f"- measured matmul rate (8192^3): bf16 {env.get('matmul_tflops_bf16')} TFLOP/s, fp32 "
              f"{env.get('matmul_tflops_fp32_default')} TFLOP/s",
              f"- environment: {env.get('tilecl_env')}; script: {env.get('script')}",
-             "- forward + backward, 8 N^2 D nominal flops per call; time = median of CUDA-event "
-             "timings after warm-up; MiB = extra peak beyond the inputs (gradients included); "
-             "plan s = the cost model's estimate for the whole point", ""]
-    for group, title in (("target", "Targets (bf16, N = M = 65536, D = 768 unless noted)"),
-                         ("native", "Native CUDA backend at a moderate size")):
+             "- forward + backward, 8 N^2 D nominal flops per call; time = median of "
+             + ("CUDA-event timings after warm-up" if device == "cuda" else "perf_counter timings")
+             + "; MiB = extra peak beyond the inputs (gradients included); plan s = the cost "
+             "model's estimate for the whole point (process start, compile, every call)", ""]
+    for group, title in (("target", "Targets: CLIP and SigLIP, bf16, N = M, forward + backward"),
+                         ("native", "Native backend at a moderate size")):
         rows = [r for r in points if r.get("group") == group]
         if not rows:
             continue
@@ -363,7 +368,7 @@ def cmd_summary(args):
         line = _pytest_line(os.path.join(args.out, name))
         if line:
             tests.append(f"{name}: {line}")
-    text = summary_markdown(read_env(args.out), read_points(args.out), tests)
+    text = summary_markdown(read_env(args.out), read_points(args.out), tests, args.device)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(text)
     print(text)

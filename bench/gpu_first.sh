@@ -39,9 +39,10 @@ if [ $DRY = 1 ]; then
     OUT=${OUT:-$(mktemp -d /tmp/tilecl-gpu-first-dry.XXXXXX)}
     export TRITON_INTERPRET=1
     DEVICE=cpu; N=64; D=32; N_MIN=16; NATIVE_N=48; SAN="--n 20 --d 8"; SAN_BACKENDS="reference"
-    # a safety budget: the dry run itself takes about 30 s of one core, most of it imports
-    BUDGET=${GPU_FIRST_BUDGET_S:-150}; CAP=${GPU_FIRST_CAP_S:-40}
-    TESTS_CAP=30; NATIVE_RESERVE=30; BUILD_CAP=20
+    # safety limits only (a loaded machine must not cut steps): the dry run itself takes about
+    # 40 s of one core, most of it imports
+    BUDGET=${GPU_FIRST_BUDGET_S:-900}; CAP=${GPU_FIRST_CAP_S:-120}
+    TESTS_CAP=120; NATIVE_RESERVE=300; NATIVE_CAP=120; SAN_CAP=120
     ONLY=(--only clip:tilecl-triton --only siglip:tilecl-triton-gemm --only clip:dense)
     ONLY_NATIVE=(--only clip:tilecl-native)
 else
@@ -49,7 +50,7 @@ else
     DEVICE=cuda; N=65536; D=768; N_MIN=1024; NATIVE_N=16384; SAN="--n 300 --d 100"
     SAN_BACKENDS="triton native"
     BUDGET=${GPU_FIRST_BUDGET_S:-470}; CAP=${GPU_FIRST_CAP_S:-40}
-    TESTS_CAP=120; NATIVE_RESERVE=100; BUILD_CAP=300
+    TESTS_CAP=120; NATIVE_RESERVE=100; NATIVE_CAP=30; SAN_CAP=60
     ONLY=(); ONLY_NATIVE=()
 fi
 mkdir -p "$OUT"
@@ -103,20 +104,24 @@ timeout 90 $PY -m bench.first env --out "$OUT" --device $DEVICE \
 # The native CUDA module, built by CMake directly into its own folder (setup.py would add
 # pybind11's -flto: it sets no CMAKE_INTERPROCEDURAL_OPTIMIZATION), copied into the package
 # once the Triton work is done. The same options as setup.py's TILECL_BUILD_CUDA=1 build.
-step "native CUDA build in the background (sm_${TILECL_CUDA_ARCHS:-90}, no LTO, -j $(nproc)) -> native_build.txt"
+NPROC=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # (nproc obeys OMP_NUM_THREADS)
+step "native CUDA build in the background (sm_${TILECL_CUDA_ARCHS:-90}, no LTO, -j $NPROC) -> native_build.txt"
 BUILD=$WORK/native
 GEN=(); command -v ninja >/dev/null && GEN=(-G Ninja)
 CONFIGURE=(cmake -S . -B "$BUILD" "${GEN[@]}" -DCMAKE_BUILD_TYPE=Release
     -DCMAKE_INTERPROCEDURAL_OPTIMIZATION=OFF -DTILECL_WITH_CUDA=ON
     "-DTILECL_CUDA_ARCHS=${TILECL_CUDA_ARCHS:-90}" "-DCMAKE_CUDA_COMPILER=$NVCC"
-    "-DTILECL_OUTPUT_DIR=$BUILD/out" "-DPython_EXECUTABLE=$(command -v "$PY")"
+    "-DTILECL_OUTPUT_DIR=$BUILD/out" "-DPython_EXECUTABLE=$($PY -c 'import sys; print(sys.executable)')"
     "-Dpybind11_DIR=$($PY -m pybind11 --cmakedir 2>/dev/null)")
-COMPILE=(cmake --build "$BUILD" --parallel "$(nproc)")
+COMPILE=(cmake --build "$BUILD" --parallel "$NPROC")
 if [ $DRY = 1 ]; then
     (echo "dry run, not run: ${CONFIGURE[*]}"; echo "dry run, not run: ${COMPILE[*]}") \
         >"$OUT/native_build.txt" 2>&1 &
 else
-    (t=$SECONDS; timeout $BUILD_CAP "${CONFIGURE[@]}" && timeout $BUILD_CAP "${COMPILE[@]}";
+    # done by the time the native step starts (BUILD_END seconds into the run), or killed then
+    BUILD_END=$((BUDGET - NATIVE_RESERVE + 20))
+    (t=$SECONDS; left() { local l=$((BUILD_END - (SECONDS - T0))); echo $((l > 1 ? l : 1)); }
+     timeout "$(left)" "${CONFIGURE[@]}" && timeout "$(left)" "${COMPILE[@]}";
      rc=$?; echo "native build: rc $rc after $((SECONDS - t)) s") >"$OUT/native_build.txt" 2>&1 &
 fi
 BUILD_PID=$!
@@ -176,7 +181,7 @@ $PY -c "import tilecl._C as c; print('tilecl._C has CUDA:', c.has_cuda())" 2>&1 
 step "native GPU tests (CUDA_LAUNCH_BLOCKING=1: a fault surfaces at its launch) -> tests_native.txt"
 TESTS=("$PY" -m pytest -q -m gpu tests/test_native_backend.py -p no:cacheprovider -rfEs)
 [ $DRY = 1 ] && TESTS+=(--collect-only)
-c=$(cap 60 $((NATIVE_RESERVE * 2 / 5)))
+c=$(cap $((NATIVE_CAP * 2)) $((NATIVE_RESERVE * 2 / 5)))
 if [ "$c" -ge 10 ]; then
     CUDA_LAUNCH_BLOCKING=1 timeout -k 5 "$c" "${TESTS[@]}" >"$OUT/tests_native.txt" 2>&1
     echo "rc $? (cap $c s)"; tail -3 "$OUT/tests_native.txt"
@@ -185,19 +190,19 @@ else
 fi
 
 step "native timing: CLIP and SigLIP, bf16, N = $NATIVE_N, D = $D -> points.jsonl"
-c=$(cap 30 $((NATIVE_RESERVE / 4)))
+c=$(cap $NATIVE_CAP $((NATIVE_RESERVE / 4)))
 timeout 60 $PY -m bench.first plan --out "$OUT" --device $DEVICE --group native --n $NATIVE_N \
     --d $D --dtype bf16 --cap-s "$c" --n-min $N_MIN "${ONLY_NATIVE[@]}" >"$WORK/plan_native.txt" \
     || echo "plan: failed (rc $?)"
 while read -r loss prov n est; do
-    c=$(cap 30 $((NATIVE_RESERVE / 4)))
+    c=$(cap $NATIVE_CAP $((NATIVE_RESERVE / 4)))
     if [ "$c" -lt 5 ]; then stopped "$loss" "$prov" "$n" native skipped "time budget"; continue; fi
     point native "$loss" "$prov" "$n" "$est" "$c"
 done <"$WORK/plan_native.txt"
 
 step "compute-sanitizer memcheck, CLIP + SigLIP bf16 ($SAN) -> sanitizer.txt"
 for backend in $SAN_BACKENDS; do
-    c=$(cap 60 5)
+    c=$(cap $SAN_CAP 5)
     if [ "$c" -lt 20 ]; then echo "$backend: no time left" | tee -a "$OUT/sanitizer.txt"; continue; fi
     # shellcheck disable=SC2086
     if [ $DRY = 1 ]; then  # no sanitizer on the CPU: the case itself

@@ -117,9 +117,10 @@ def test_auto_on_cuda_takes_a_verified_kernel_backend(monkeypatch):
 def test_cost_model_at_the_targets():
     n, d, cap, mem = 65536, 768, 40.0, 120 * 2**30
     calls = first.GPU_CALLS
-    # the triton paths: 8 N^2 D = 26 TFLOP per call at an assumed 100 TFLOP/s
+    # the triton paths: 8 N^2 D = 26 TFLOP per call at an assumed 100 TFLOP/s, five calls, a
+    # compile allowance of 30 s and 5 s of process start
     n_run, s, _ = first.plan_point("clip", "tilecl-triton", n, d, "bf16", "cuda", cap, mem, calls)
-    assert n_run == n and 30 < s < 33
+    assert n_run == n and 35 < s < 38
     # dense: 6 bf16 N x N matrices = 48 GiB, more than a 40 GiB device has
     n_run, _, b = first.plan_point("clip", "dense", n, d, "bf16", "cuda", cap, 40 * 2**30, calls)
     assert n_run == n // 2 and b < 40 * 2**30
@@ -155,7 +156,7 @@ def test_gpu_first_dry_run(tmp_path):
     env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
     env.pop("TILECL_BACKEND", None)
     r = subprocess.run(["bash", str(ROOT / "bench" / "gpu_first.sh"), "--dry-run"], cwd=ROOT,
-                       env=env, capture_output=True, text=True, timeout=300)
+                       env=env, capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     files = sorted(p.name for p in out.iterdir())
     assert files == sorted(["log.txt", "env.json", "points.jsonl", "tests_triton.txt",
