@@ -263,12 +263,15 @@ def variant_env(loss, provider):
                 os.environ[k] = v
 
 
-# the triton backend with an environment choice reversed, for the GPU target's A/B (not the grid)
+# the triton backend with each environment choice set explicitly, for the GPU target's A/B (not the
+# grid): whichever of fused / gemm the backend picks by default, both are measured
 VARIANTS = {
     "clip": {"tilecl-triton-2pass": dict(TILECL_TRITON_COL_PASS="two"),
-             "tilecl-triton-gemm": dict(TILECL_TRITON_BWD="gemm")},
+             "tilecl-triton-gemm": dict(TILECL_TRITON_BWD="gemm"),
+             "tilecl-triton-fused": dict(TILECL_TRITON_BWD="fused")},
     "siglip": {"tilecl-triton-unfused": dict(TILECL_TRITON_SIGLIP_FUSED="0"),
-               "tilecl-triton-gemm": dict(TILECL_TRITON_BWD="gemm")},
+               "tilecl-triton-gemm": dict(TILECL_TRITON_BWD="gemm"),
+               "tilecl-triton-fused": dict(TILECL_TRITON_BWD="fused")},
 }
 
 

@@ -57,7 +57,8 @@ def environment(device: str) -> dict:
     env["tilecl_backends"] = tilecl.available_backends(torch.device(device))
     from tilecl import _torch_tiled
 
-    env["torch_backend_tile"] = "x".join(str(v) for v in _torch_tiled.TILE)
+    env["torch_backend_tile"] = ("x".join(str(v) for v in _torch_tiled.TILE) if _torch_tiled._PINNED[0]
+                                 or device != "cuda" else "tile_plan: CUDA_TILE_BYTES budget")
     for mod in ("triton", "pytorch_metric_learning", "inf_cl", "memeff", "siglip_kernel"):
         try:
             env[mod] = getattr(__import__(mod), "__version__", "installed")

@@ -38,9 +38,9 @@ def skip_or_fail(reason, *, module=False):
 def _seed_and_tiles():
     torch.manual_seed(0)
     random.seed(0)
-    old = torch_tiled.set_tile_size(*TEST_TILE)
+    torch_tiled.set_tile_size(*TEST_TILE)
     yield
-    torch_tiled.set_tile_size(*old)
+    torch_tiled.reset_tile_size()  # the default choice again (tile_plan per device)
 
 
 def rel_err(actual, expected):

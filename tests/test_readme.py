@@ -9,7 +9,7 @@ README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 
 def test_readme_usage_example_runs():
-    torch_tiled.set_tile_size(*torch_tiled._default_tile())  # a user's tiles, not the tests' tiny ones
+    torch_tiled.reset_tile_size()  # a user's tiles, not the tests' tiny ones
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
     assert blocks, "README has no python example"
     namespace = {}

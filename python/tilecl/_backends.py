@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import warnings
 
 import torch
 
@@ -96,9 +97,22 @@ def resolve(backend: str, device: torch.device) -> str:
 resolve._dynamo_marked_constant = True
 
 
+_warned_auto_gpu = [False]
+
+
 def _auto(device: torch.device) -> str:
     if device.type == "cuda":
-        for name in ("triton", "native"):
+        kernels = ("triton", "native")
+        for name in kernels:
             if name in VERIFIED_ON_GPU and unavailable_reason(name, device) is None:
                 return name
+        if not _warned_auto_gpu[0]:
+            _warned_auto_gpu[0] = True
+            verified = [n for n in kernels if n in VERIFIED_ON_GPU]
+            why = (f"the GPU-verified kernel backends {verified} cannot run here" if verified else
+                   "no kernel backend (triton, native) has a recorded passing GPU run yet")
+            warnings.warn(
+                f"tilecl: backend='auto' on CUDA uses the 'torch' backend (tiled PyTorch): {why}. "
+                "Choose a backend with backend='triton' | 'native' | 'torch' or the environment "
+                "variable TILECL_BACKEND.", RuntimeWarning, stacklevel=2)
     return "torch"

@@ -23,15 +23,72 @@ def _default_tile():
 
 
 TILE = list(_default_tile())
+# True once the user chose the tile (set_tile_size or TILECL_TORCH_TILE): every device uses TILE.
+# Otherwise tile_plan chooses: TILE on CPU, a memory budget on CUDA.
+_PINNED = [bool(os.environ.get("TILECL_TORCH_TILE", "").strip())]
+# CUDA: one [BR, BC] tile of logits plus its [BR, D] and [BC, D] operand blocks, in the compute
+# dtype, within this many bytes (the backward keeps a handful of such tiles alive). Small tiles
+# make the GPU wait on kernel launches: 512 x 1024 tiles are 8192 tiles per pass at N = M = 65536,
+# about 30 launches each.
+CUDA_TILE_BYTES = 256 * 2**20
 
 
 def set_tile_size(rows: int, cols: int) -> tuple:
-    """Set the [rows, cols] tile of the torch backend; returns the previous one."""
+    """Set the [rows, cols] tile of the torch backend on every device; returns the previous one."""
     if rows < 1 or cols < 1:
         raise ValueError(f"tile sizes must be positive, got {rows}x{cols}")
     old = tuple(TILE)
     TILE[:] = [int(rows), int(cols)]
+    _PINNED[0] = True
     return old
+
+
+def reset_tile_size() -> None:
+    """Back to the default choice: TILECL_TORCH_TILE if set, else ``tile_plan``'s per device."""
+    TILE[:] = list(_default_tile())
+    _PINNED[0] = bool(os.environ.get("TILECL_TORCH_TILE", "").strip())
+
+
+def tile_plan(n: int, m: int, d: int, dtype: torch.dtype, device_type: str, tile=None) -> tuple:
+    """The [BR, BC] tile for q [n, d] against k [m, d] with tiles in ``dtype`` on ``device_type``.
+
+    ``tile`` (a chosen [rows, cols]) wins. CPU: 512 x 1024 (the measured default). CUDA: the
+    largest tile with BR BC + (BR + BC) D elements of ``dtype`` within ``CUDA_TILE_BYTES``,
+    powers of two halved from a square (rows first), then widened to fill the budget where n or m
+    is smaller than the tile: fp32 at D = 768 gives 4096 x 8192, 128 tiles per pass at
+    N = M = 65536."""
+    if tile is not None:
+        br, bc = tile
+    elif device_type != "cuda":
+        br, bc = 512, 1024
+    else:
+        elems = CUDA_TILE_BYTES // torch.empty((), dtype=dtype).element_size()
+        side = 1 << (max(int(elems ** 0.5), 1).bit_length() - 1)
+        br = bc = side
+        while br * bc + (br + bc) * d > elems and max(br, bc) > 1:
+            if br >= bc:
+                br //= 2
+            else:
+                bc //= 2
+        if n < br:  # short q: give the rows' share of the budget to the columns
+            br = n
+            bc = max(bc, (elems - br * d) // (br + d))
+        elif m < bc:
+            bc = m
+            br = max(br, (elems - bc * d) // (bc + d))
+    return max(1, min(int(br), n)), max(1, min(int(bc), m))
+
+
+def tiles_per_pass(n: int, m: int, d: int, dtype: torch.dtype, device_type: str, tile=None) -> int:
+    """How many tiles one forward (or backward) sweep visits: ceil(n / BR) ceil(m / BC)."""
+    br, bc = tile_plan(n, m, d, dtype, device_type, tile)
+    return -(-n // br) * -(-m // bc)
+
+
+def _plan(q, k, cdt) -> tuple:
+    """The tile of this call (``tile_plan`` for q's device, the pinned TILE if any)."""
+    return tile_plan(q.shape[0], k.shape[0], q.shape[1], cdt, q.device.type,
+                     tuple(TILE) if _PINNED[0] else None)
 
 
 def _norms(spec, t):
@@ -125,12 +182,14 @@ def _softplus_terms(x, allowed, y):
     return t
 
 
-def _row_tiles(n):
-    return [(i0, min(i0 + TILE[0], n)) for i0 in range(0, n, TILE[0])]
+def _row_tiles(n, br=None):
+    br = br or TILE[0]
+    return [(i0, min(i0 + br, n)) for i0 in range(0, n, br)]
 
 
-def _col_tiles(m):
-    return [(j0, min(j0 + TILE[1], m)) for j0 in range(0, m, TILE[1])]
+def _col_tiles(m, bc=None):
+    bc = bc or TILE[1]
+    return [(j0, min(j0 + bc, m)) for j0 in range(0, m, bc)]
 
 
 def forward(spec: TileSpec, q, k, alpha, bias, aux: TileAux):
@@ -144,9 +203,10 @@ def forward(spec: TileSpec, q, k, alpha, bias, aux: TileAux):
     a = alpha.to(cdt).expand(n) if alpha.dim() == 0 else alpha.to(cdt)
     nq, nk = _norms(spec, q.to(cdt)), _norms(spec, k.to(cdt))
     top = empty_topk(n, spec.topk, dev, cdt) if spec.topk else None
-    for i0, i1 in _row_tiles(n):
+    br, bc = _plan(q, k, cdt)
+    for i0, i1 in _row_tiles(n, br):
         _, qaI = _rows(spec, q, i0, i1, a, cdt)
-        for j0, j1 in _col_tiles(m):
+        for j0, j1 in _col_tiles(m, bc):
             x, _ = _logits(spec, qaI, k[j0:j1].to(cdt), a[i0:i1], bias,
                            nq[i0:i1] if nq is not None else None,
                            nk[j0:j1] if nk is not None else None)
@@ -284,11 +344,12 @@ def backward(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, g_stat
     dk = torch.zeros(m, k.shape[1], dtype=cdt, device=dev)
     gx = torch.zeros(n, dtype=cdt, device=dev)  # dot: <q_i, sum_j G_ij k_j>; dist: sum_j G_ij x_ij
     db = torch.zeros((), dtype=cdt, device=dev)
-    for i0, i1 in _row_tiles(n):
+    br, bc = _plan(q, k, cdt)
+    for i0, i1 in _row_tiles(n, br):
         qI, qaI = _rows(spec, q, i0, i1, a, cdt)
         stats_I = [(lse[i0:i1], g[i0:i1]) for lse, g in lse_g]
         g_I = g_stats[:, i0:i1]
-        for j0, j1 in _col_tiles(m):
+        for j0, j1 in _col_tiles(m, bc):
             kJ = k[j0:j1].to(cdt)
             aI = a[i0:i1]
             x, inner = _logits(spec, qaI, kJ, aI, bias,
