@@ -147,7 +147,7 @@ def markdown(data):
 
     lines = [
         f"# Scaling: symmetric CLIP, {DTYPE}, forward + backward, D = {data['d']}", "",
-        f"- device: {env['device']}, {env['torch_threads']} threads, "
+        f"- device: {env['device']}, "
         f"{data['total_gib']:.1f} GiB RAM ({data['available_gib_start']:.1f} GiB available at start)",
         f"- date: {env['date_utc']}; torch {env['torch']}, tilecl {env['tilecl']}"
         + (f", commit {env['git_commit']}" if env.get("git_commit") else ""),
