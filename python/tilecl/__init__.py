@@ -43,7 +43,7 @@ __all__ = [
     "uniformity_loss", "decoupled_uniformity", "InfoNCELoss", "ClipLoss", "NTXentLoss",
     "SupConLoss", "SigLipLoss", "HardNegatives", "matryoshka_info_nce",
     "grad_cache_step",
-    "InfoNCEOutput", "__version__",
+    "InfoNCEOutput",
 ]
 
 
