@@ -5,6 +5,7 @@ Examples::
     python -m bench --suite cpu                  # < 5 min on 2 cores -> bench/results/<date>-cpu/
     python -m bench --suite gpu                  # < 8 min on one H100 -> bench/results/<date>-h100.../
     python -m bench --suite smoke --out /tmp/b   # seconds: checks the harness
+    python -m bench --suite scaling              # = python -m bench.scaling (tiled vs dense vs N)
     python -m bench --suite gpu --dry-run        # print the plan only
     python -m bench.report bench/results/<dir>/results.json   # re-render table and plots
 """
@@ -21,6 +22,11 @@ from . import report, suites
 
 
 def main(argv=None):
+    rest = list(sys.argv[1:] if argv is None else argv)
+    if rest[:2] == ["--suite", "scaling"] or rest[:1] == ["--suite=scaling"]:
+        from . import scaling  # tiled vs dense up to past the memory limit: its own options
+
+        return scaling.main(rest[2:] if rest[0] == "--suite" else rest[1:])
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--suite", choices=sorted(suites.SUITES), default=None,

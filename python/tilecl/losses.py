@@ -16,13 +16,20 @@ autocast they are a TypeError.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import math
+import os
+import sys
+import warnings
+from typing import Any, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
+from torch import Tensor
 
 from . import _backends, _family, _matryoshka, reference
 from . import _checks as C
 from ._spec import MAX_TOPK
+
+Scale = Union[float, Tensor]  # a Python number or a 0-dim tensor (gradient flows to it)
 
 
 class HardNegatives(NamedTuple):
@@ -30,6 +37,81 @@ class HardNegatives(NamedTuple):
 
     similarity: torch.Tensor  # [N, k] <q_i, k_j> (logit / scale), descending; -inf padding
     index: torch.Tensor  # [N, k] int64 key index (global under a group); -1 padding
+
+
+class InfoNCEOutput(NamedTuple):
+    """``info_nce(..., topk_negatives=k)`` with k > 0: the loss and the mined negatives.
+
+    A tuple: ``loss, hard = tilecl.info_nce(..., topk_negatives=k)`` unpacks it, ``out[0]`` is
+    the loss; ``out.loss`` and ``out.hard`` name the two parts.
+    """
+
+    loss: torch.Tensor  # what info_nce returns without topk_negatives (0-dim, or [N] for "none")
+    hard: HardNegatives  # [N, k] similarities and key indices, no gradient
+
+
+# ---- a logit scale that is almost surely a temperature or a log scale -------------------------
+# With unit-norm embeddings every logit alpha <x_i, y_j> lies in [-alpha, alpha]. For alpha < 1
+# the softmax weights of a row differ by less than e^2, so the CLIP loss stays within about 2 of
+# log N however good the embeddings are, and SigLIP's logits barely move off the bias: no CLIP or
+# SigLIP recipe trains there (alpha < 1 is a temperature > 1). open_clip, big_vision and
+# Hugging Face store t = log(alpha) as the parameter, clamped to [0, ln 100]: passing that
+# parameter itself instead of t.exp() gives alpha in [1, 4.6], also far too soft.
+_MAX_LOG_SCALE = math.log(100.0)
+_SCALE_WARNED: set = set()  # the functions that have warned (once per process each)
+
+
+def _compiling() -> bool:
+    fn = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(fn()) if fn is not None else False
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` of the first frame outside the tilecl package (the user's call), so the
+    warning points at the user's line through decorators and the nn.Module wrappers."""
+    pkg = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(pkg):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _check_logit_scale(value: Any, fn: str) -> None:
+    """Warn once per process (per loss function) when ``value`` is not plausibly an exponentiated
+    logit scale: < 1, or an ``nn.Parameter`` <= ln 100 (a stored log scale passed as is). Skipped
+    while torch.compile traces (no graph break, no read of a tensor's value in the graph)."""
+    if fn in _SCALE_WARNED or _compiling():
+        return
+    raw = False
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or not value.is_floating_point():
+            return  # the argument checks raise
+        raw = isinstance(value, torch.nn.Parameter)
+        v = float(value.detach())  # eager only; the argument check reads the value as well
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        v = float(value)
+    else:
+        return
+    if not (math.isfinite(v) and v > 0):
+        return  # the argument checks raise
+    fix = ("pass the exponentiated scale alpha = 1 / temperature (CLIP init: 1 / 0.07 = 14.3; "
+           "open_clip / Hugging Face: model.logit_scale.exp())")
+    if fn == "clip_loss":
+        fix += ", or use tilecl.info_nce(..., symmetric=True, temperature=0.07) for a temperature"
+    if v < 1:
+        msg = (f"{fn}: logit_scale={v:.4g} < 1: with unit-norm embeddings the logits lie in "
+               f"[-{v:.4g}, {v:.4g}], so the loss hardly depends on the embeddings (CLIP: about "
+               f"log N). This looks like a temperature or an un-exponentiated log scale: {fix}.")
+    elif raw and v <= _MAX_LOG_SCALE + 1e-6:
+        msg = (f"{fn}: logit_scale is an nn.Parameter of value {v:.4g} <= ln 100: this looks like "
+               f"the stored log scale (open_clip, big_vision and Hugging Face keep "
+               f"log(1 / temperature), clamped to [0, ln 100]), which gives far too soft logits: "
+               f"{fix} (= {math.exp(v):.4g} here). If the parameter is the scale itself, "
+               "ignore this.")
+    else:
+        return
+    _SCALE_WARNED.add(fn)
+    warnings.warn(msg + " (Warned once per process.)", UserWarning, stacklevel=_user_stacklevel())
 
 
 def _route(backend, device, group):
@@ -62,11 +144,14 @@ def _positives(positive_index, n, m, query):
 
 
 @C.autocast_rule
-def info_nce(query, key, *, temperature=None, logit_scale=None, positive_index=None,
-             symmetric=False, label_smoothing=0.0, key_ids=None, hard_negatives=None,
-             query_negatives=False, key_negatives=False, false_negative_margin=None,
-             false_negative_ratio=None, topk_negatives=0, reduction="mean", backend="auto",
-             group=None):
+def info_nce(query: Tensor, key: Tensor, *, temperature: Optional[Scale] = None,
+             logit_scale: Optional[Scale] = None, positive_index: Optional[Tensor] = None,
+             symmetric: bool = False, label_smoothing: float = 0.0, key_ids: Optional[Tensor] = None,
+             hard_negatives: Optional[Tensor] = None, query_negatives: bool = False,
+             key_negatives: bool = False, false_negative_margin: Optional[float] = None,
+             false_negative_ratio: Optional[float] = None, topk_negatives: int = 0,
+             reduction: str = "mean", backend: str = "auto",
+             group: Any = None) -> Union[Tensor, InfoNCEOutput]:
     """InfoNCE with one positive per row (math.md 2.1).
 
     query: [N, D], key: [M, D] with M >= N; row i's positive is key[positive_index[i]]
@@ -91,6 +176,31 @@ def info_nce(query, key, *, temperature=None, logit_scale=None, positive_index=N
     descending over the shared keys that are negatives (not the positive, not a duplicate id,
     not a masked false negative), index into ``key`` (under ``group``: into the concatenation of
     every rank's keys), padded with -inf / -1 when a row has fewer than k negatives. No gradient.
+
+    Args:
+        query: [N, D] float16 / bfloat16 / float32 / float64 embeddings (normalize them for
+            cosine similarities).
+        key: [M, D], same dtype and device, M >= N unless ``positive_index`` is given.
+        temperature: tau > 0 (float, 0-dim tensor, or [N] tensor when not symmetric); give
+            exactly one of ``temperature`` and ``logit_scale``.
+        logit_scale: alpha = 1 / tau > 0, already exponentiated (same forms as temperature).
+        positive_index: [N] int tensor of key rows (default: key[i] for row i).
+        symmetric: CLIP: both directions, N == M, diagonal positives.
+        label_smoothing: in [0, 1), as ``F.cross_entropy``.
+        key_ids: [M] int document ids (not with ``symmetric`` / ``label_smoothing``).
+        hard_negatives: [N, K, D] per-row extra negatives.
+        query_negatives, key_negatives: extra denominator terms (see above).
+        false_negative_margin, false_negative_ratio: at most one; float thresholds (see above).
+        topk_negatives: k in [0, 32]; k > 0 also returns the mined negatives.
+        reduction: "mean", "sum" or "none".
+        backend: "auto", "reference", "torch", "triton" or "native".
+        group: torch.distributed process group for the ring exchange (None: one process).
+
+    Returns:
+        The loss: a 0-dim tensor ("mean" / "sum") or [N] per-row terms ("none"; symmetric: the
+        mean of both directions' terms), float32 for half inputs, else the input dtype. With
+        ``topk_negatives=k > 0`` an ``InfoNCEOutput(loss, hard)`` named tuple, ``hard`` a
+        ``HardNegatives(similarity [N, k], index [N, k])``.
 
     Example::
 
@@ -152,13 +262,16 @@ def info_nce(query, key, *, temperature=None, logit_scale=None, positive_index=N
                                float(label_smoothing), key_ids, hard_negatives,
                                bool(query_negatives), bool(key_negatives), false_negative_margin,
                                false_negative_ratio, topk_negatives)
-    return out if not topk_negatives else (out[0], HardNegatives(*out[1]))
+    return out if not topk_negatives else InfoNCEOutput(out[0], HardNegatives(*out[1]))
 
 
 @C.autocast_rule
-def matryoshka_info_nce(query, key, dims, *, weights=None, temperature=None, logit_scale=None,
-                        positive_index=None, symmetric=False, reduction="mean", backend="auto",
-                        group=None):
+def matryoshka_info_nce(query: Tensor, key: Tensor, dims: Sequence[int], *,
+                        weights: Optional[Sequence[float]] = None,
+                        temperature: Optional[Scale] = None, logit_scale: Optional[Scale] = None,
+                        positive_index: Optional[Tensor] = None, symmetric: bool = False,
+                        reduction: str = "mean", backend: str = "auto",
+                        group: Any = None) -> Tensor:
     """Matryoshka InfoNCE (Kusupati et al. 2022; sentence-transformers' ``MatryoshkaLoss``
     around ``MultipleNegativesRankingLoss``): ``sum_p weights[p] * info_nce(normalize(q[:, :d_p]),
     normalize(k[:, :d_p]))`` over the prefix dimensions ``dims`` (each prefix re-normalized:
@@ -167,6 +280,16 @@ def matryoshka_info_nce(query, key, dims, *, weights=None, temperature=None, log
     largest prefix instead of the sum of all of them; other backends and ``group`` run one
     tiled InfoNCE per prefix. ``weights`` default to 1 each; ``temperature`` / ``logit_scale``
     is a scalar shared by all prefixes. Reduction applies per prefix before the weighted sum.
+
+    Args:
+        query, key: [N, D] and [M, D] embeddings (any scale: each prefix is re-normalized).
+        dims: distinct prefix widths in [1, D].
+        weights: one float per entry of ``dims`` (default 1 each).
+        temperature, logit_scale: exactly one, a float or 0-dim tensor shared by all prefixes.
+        positive_index, symmetric, reduction, backend, group: as ``info_nce``.
+
+    Returns:
+        The weighted sum over prefixes: 0-dim ("mean" / "sum") or [N] ("none").
 
     Example::
 
@@ -210,10 +333,23 @@ def matryoshka_info_nce(query, key, dims, *, weights=None, temperature=None, log
 
 
 @C.autocast_rule
-def clip_loss(image_features, text_features, logit_scale, *, reduction="mean", backend="auto",
-              group=None):
+def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Scale, *,
+              reduction: str = "mean", backend: str = "auto", group: Any = None) -> Tensor:
     """open_clip ``ClipLoss``: (CE(alpha I T^T) + CE(alpha T I^T)) / 2 with the diagonal as
-    labels. ``logit_scale`` is already exponentiated (``model.logit_scale.exp()``).
+    labels. ``logit_scale`` is already exponentiated (``model.logit_scale.exp()``); a value < 1
+    (a temperature, or a log scale) warns once per process.
+
+    Args:
+        image_features: [N, D] float embeddings (L2-normalized, as CLIP does).
+        text_features: [N, D], same dtype and device.
+        logit_scale: alpha > 0, a float or a 0-dim tensor (gradient flows to it); CLIP's init
+            is 1 / 0.07 = 14.3.
+        reduction: "mean" (open_clip), "sum" or "none" ([N]: the mean of row i's and column
+            i's terms).
+        backend, group: as ``info_nce``.
+
+    Returns:
+        The loss, 0-dim ([N] for "none"), float32 for half inputs, else the input dtype.
 
     Example::
 
@@ -221,19 +357,35 @@ def clip_loss(image_features, text_features, logit_scale, *, reduction="mean", b
     """
     image_features, text_features = _pair(image_features, "image_features", text_features,
                                           "text_features", same_rows=True, group=group)
+    _check_logit_scale(logit_scale, "clip_loss")
     return info_nce(image_features, text_features, logit_scale=logit_scale, symmetric=True,
                     reduction=reduction, backend=backend, group=group)
 
 
 @C.autocast_rule
-def siglip_loss(image_features, text_features, logit_scale, logit_bias, *, labels=None,
-                text_labels=None, reduction="mean", backend="auto", group=None):
+def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Scale,
+                logit_bias: Scale, *, labels: Optional[Tensor] = None,
+                text_labels: Optional[Tensor] = None, reduction: str = "mean",
+                backend: str = "auto", group: Any = None) -> Tensor:
     """SigLIP (big_vision / open_clip ``SigLipLoss``): -sum_j log sigmoid(y_ij s_ij) / N with
     s = logit_scale <x_i, u_j> + logit_bias, y = +1 on positives, -1 elsewhere (math.md 2.2).
 
     image_features [N, D], text_features [M, D]. Positives: the diagonal j == i by default, or
     equal group ids ``labels`` [N] vs ``text_labels`` [M] (default: ``labels``, N == M).
-    logit_scale is exponentiated (big_vision's exp(t')); logit_bias is b.
+    logit_scale is exponentiated (big_vision's exp(t')); logit_bias is b. A logit_scale < 1
+    warns once per process.
+
+    Args:
+        image_features: [N, D] float embeddings (L2-normalized).
+        text_features: [M, D], same dtype and device.
+        logit_scale: exp(t') > 0, float or 0-dim tensor (big_vision init 10).
+        logit_bias: b, float or 0-dim tensor (big_vision init -10).
+        labels: [N] int group ids (optional); text_labels: [M] int (default ``labels``).
+        reduction: "mean" (sum over texts, mean over images), "sum" or "none" ([N] per image).
+        backend, group: as ``info_nce``.
+
+    Returns:
+        The loss, 0-dim ([N] for "none"), float32 for half inputs, else the input dtype.
 
     Example::
 
@@ -241,6 +393,7 @@ def siglip_loss(image_features, text_features, logit_scale, logit_bias, *, label
     """
     image_features, text_features = _pair(image_features, "image_features", text_features,
                                           "text_features", same_rows=False, group=group)
+    _check_logit_scale(logit_scale, "siglip_loss")
     n, m = image_features.shape[0], text_features.shape[0]
     alpha = C.positive_scalar(logit_scale, "logit_scale", image_features)
     bias = C.real_scalar(logit_bias, "logit_bias", image_features)
@@ -271,11 +424,21 @@ def _two_views(z1, z2, min_rows=1, group=None):
 
 
 @C.autocast_rule
-def nt_xent(z1, z2, *, temperature=0.5, convention="pytorch", reduction="mean", backend="auto",
-            group=None):
+def nt_xent(z1: Tensor, z2: Tensor, *, temperature: Scale = 0.5, convention: str = "pytorch",
+            reduction: str = "mean", backend: str = "auto", group: Any = None) -> Tensor:
     """SimCLR NT-Xent over the 2N anchors of [z1; z2], self excluded, positive i <-> i + N
     (math.md 3). convention "pytorch": mean over 2N anchors (lightly, SupContrast, PML);
     "simclr_tf": loss_a + loss_b (google-research/simclr), twice that.
+
+    Args:
+        z1, z2: [N, D] float embeddings of the two views (normalize them for cosine similarity).
+        temperature: tau > 0, float or 0-dim tensor.
+        convention: "pytorch" or "simclr_tf".
+        reduction: "mean", "sum" or "none" ([2N]: z1's anchors, then z2's).
+        backend, group: as ``info_nce``.
+
+    Returns:
+        The loss, 0-dim ([2N] for "none"), float32 for half inputs, else the input dtype.
 
     Example::
 
@@ -293,8 +456,10 @@ def nt_xent(z1, z2, *, temperature=0.5, convention="pytorch", reduction="mean", 
 
 
 @C.autocast_rule
-def supcon(features, labels=None, *, temperature=0.07, base_temperature=0.07, contrast_mode="all",
-           variant="out", scale=None, reduction="mean", backend="auto", group=None):
+def supcon(features: Tensor, labels: Optional[Tensor] = None, *, temperature: Scale = 0.07,
+           base_temperature: float = 0.07, contrast_mode: str = "all", variant: str = "out",
+           scale: Optional[str] = None, reduction: str = "mean", backend: str = "auto",
+           group: Any = None) -> Tensor:
     """Supervised contrastive loss (Khosla et al.), SupContrast layout (math.md 4).
 
     features: [B, V, D] (normalize them yourself, as SupContrast expects); labels: [B] int or
@@ -303,6 +468,18 @@ def supcon(features, labels=None, *, temperature=0.07, base_temperature=0.07, co
     contributes 0 and counts in the mean), "in" = L_in (google-research, denominator ALL).
     scale: "base" -> x temperature / base_temperature (HobbitLong), "tau" -> x temperature
     (google-research), "none"; None = "base" for "out", "tau" for "in".
+
+    Args:
+        features: [B, V, D] float, V views of B samples.
+        labels: [B] int class labels, or None.
+        temperature: tau > 0, float or 0-dim tensor; base_temperature: float > 0.
+        contrast_mode: "all" or "one"; variant: "out" or "in"; scale: "base", "tau", "none", None.
+        reduction: "mean", "sum" or "none" (one term per anchor: [V B] for "all", view-major as
+            SupContrast's ``torch.cat(torch.unbind(features, 1))``; [B] for "one").
+        backend, group: as ``info_nce``.
+
+    Returns:
+        The loss, 0-dim (per anchor for "none"), float32 for half inputs, else the input dtype.
 
     Example::
 
@@ -338,12 +515,28 @@ def _normalized(z1, z2, normalize):
 
 
 @C.autocast_rule
-def dcl_loss(z1, z2, *, temperature=0.1, weighted=False, sigma=0.5, normalize=False,
-             reduction="mean", backend="auto", group=None):
+def dcl_loss(z1: Tensor, z2: Tensor, *, temperature: Scale = 0.1, weighted: bool = False,
+             sigma: float = 0.5, normalize: bool = False, reduction: str = "mean",
+             backend: str = "auto", group: Any = None) -> Tensor:
     """Decoupled contrastive loss DCL / DCLW (Yeh et al.; lightly >= 1.5.21 convention):
     the positive is removed from the denominator, mean over the 2B anchors of both views
     (math.md 8.1). weighted=True: DCLW, positive weight 2 - B softmax(<z1_k, z2_k> / sigma).
     normalize=True L2-normalizes the inputs first, as lightly's DCLLoss does.
+
+    Args:
+        z1, z2: [B, D] float embeddings of the two views, B >= 2.
+        temperature: tau > 0, float or 0-dim tensor.
+        weighted: DCLW; sigma: its width (float > 0).
+        normalize: L2-normalize z1, z2 first.
+        reduction: "mean", "sum" or "none" ([2B]: z1's anchors, then z2's).
+        backend, group: as ``info_nce``.
+
+    Returns:
+        The loss, 0-dim ([2B] for "none"), float32 for half inputs, else the input dtype.
+
+    Example::
+
+        loss = tilecl.dcl_loss(z1, z2, temperature=0.1, weighted=True)
     """
     z1, z2 = _two_views(z1, z2, min_rows=2, group=group)
     alpha = C.scale(temperature, None, z1)
@@ -365,11 +558,26 @@ def _tau_plus(tau_plus):
 
 
 @C.autocast_rule
-def hcl_loss(z1, z2, *, temperature=0.5, tau_plus=0.1, beta=1.0, reduction="mean",
-             backend="auto", group=None):
+def hcl_loss(z1: Tensor, z2: Tensor, *, temperature: Scale = 0.5, tau_plus: float = 0.1,
+             beta: float = 1.0, reduction: str = "mean", backend: str = "auto",
+             group: Any = None) -> Tensor:
     """Hard-negative contrastive loss (Robinson et al., joshr17/HCL): importance weights
     exp(beta s) on the negatives (not detached), debiasing with class prior tau_plus, floor
     N_n e^(-1/T); mean over the 2B anchors (math.md 8.2). Pass normalized embeddings.
+
+    Args:
+        z1, z2: [B, D] float, L2-normalized embeddings of the two views, B >= 2.
+        temperature: T > 0, float or 0-dim tensor.
+        tau_plus: class prior in [0, 1); beta: hardness >= 0 (0: the debiased loss).
+        reduction: "mean", "sum" or "none" ([2B]: z1's anchors, then z2's).
+        backend, group: as ``info_nce``.
+
+    Returns:
+        The loss, 0-dim ([2B] for "none"), float32 for half inputs, else the input dtype.
+
+    Example::
+
+        loss = tilecl.hcl_loss(F.normalize(z1, dim=1), F.normalize(z2, dim=1), beta=1.0)
     """
     z1, z2 = _two_views(z1, z2, min_rows=2, group=group)
     alpha = C.scale(temperature, None, z1)
@@ -379,11 +587,24 @@ def hcl_loss(z1, z2, *, temperature=0.5, tau_plus=0.1, beta=1.0, reduction="mean
 
 
 @C.autocast_rule
-def debiased_loss(z1, z2, *, temperature=0.5, tau_plus=0.1, reduction="mean", backend="auto",
-                  group=None):
+def debiased_loss(z1: Tensor, z2: Tensor, *, temperature: Scale = 0.5, tau_plus: float = 0.1,
+                  reduction: str = "mean", backend: str = "auto", group: Any = None) -> Tensor:
     """Debiased contrastive loss (Chuang et al., chingyaoc/DCL): HCL with beta = 0
-    (math.md 8.3). Pass normalized embeddings."""
-    z1, z2 = _two_views(z1, z2, min_rows=2, group=group)
+    (math.md 8.3). Pass normalized embeddings.
+
+    Args:
+        z1, z2: [B, D] float, L2-normalized embeddings of the two views, B >= 2.
+        temperature: T > 0, float or 0-dim tensor; tau_plus: class prior in [0, 1).
+        reduction: "mean", "sum" or "none" ([2B]); backend, group: as ``info_nce``.
+
+    Returns:
+        The loss, 0-dim ([2B] for "none"), float32 for half inputs, else the input dtype.
+
+    Example::
+
+        loss = tilecl.debiased_loss(F.normalize(z1, dim=1), F.normalize(z2, dim=1), tau_plus=0.1)
+    """
+    _two_views(z1, z2, min_rows=2, group=group)
     alpha = C.scale(temperature, None, z1)
     return _hard_negative(z1, z2, alpha, _tau_plus(tau_plus), 0.0, reduction, backend, group)
 
@@ -401,12 +622,26 @@ def _hard_negative(z1, z2, alpha, tau_plus, beta, reduction, backend, group):
 
 
 @C.autocast_rule
-def kernel_info_nce(z1, z2, *, temperature=0.5, gamma=2.0, eps=1e-6, reduction="mean",
-                    backend="auto", group=None):
+def kernel_info_nce(z1: Tensor, z2: Tensor, *, temperature: Scale = 0.5, gamma: float = 2.0,
+                    eps: float = 1e-6, reduction: str = "mean", backend: str = "auto",
+                    group: Any = None) -> Tensor:
     """Kernel-InfoNCE (Tan et al., yifanzhang-pro/Kernel-InfoNCE ``gamma_loss``): logits
     -||z_i - z_j||^gamma / T over [z1; z2], self excluded, positive kept in the denominator,
-    -log(pos / (clamp(neg, eps) + eps)), mean over 2B (math.md 7)."""
-    z1, z2 = _two_views(z1, z2, group=group)
+    -log(pos / (clamp(neg, eps) + eps)), mean over 2B (math.md 7).
+
+    Args:
+        z1, z2: [B, D] float embeddings of the two views.
+        temperature: T > 0, float or 0-dim tensor; gamma: distance exponent > 0; eps: > 0.
+        reduction: "mean", "sum" or "none" ([2B]); backend, group: as ``info_nce``.
+
+    Returns:
+        The loss, 0-dim ([2B] for "none"), float32 for half inputs, else the input dtype.
+
+    Example::
+
+        loss = tilecl.kernel_info_nce(z1, z2, temperature=0.5, gamma=1.0)
+    """
+    _two_views(z1, z2, group=group)
     alpha = C.scale(temperature, None, z1)
     gamma = C.plain_positive(gamma, "gamma")
     eps = C.plain_positive(eps, "eps")
@@ -419,8 +654,11 @@ def kernel_info_nce(z1, z2, *, temperature=0.5, gamma=2.0, eps=1e-6, reduction="
 
 
 @C.autocast_rule
-def cclk_loss(z1, z2, weight_x=None, weight_y=None, *, conditions=None, lam=0.1, temperature=0.5,
-              mode="hardneg", normalize=False, reduction="mean", backend="auto", group=None):
+def cclk_loss(z1: Tensor, z2: Tensor, weight_x: Optional[Tensor] = None,
+              weight_y: Optional[Tensor] = None, *,
+              conditions: Optional[Tuple[Tensor, Tensor]] = None, lam: float = 0.1,
+              temperature: Scale = 0.5, mode: str = "hardneg", normalize: bool = False,
+              reduction: str = "mean", backend: str = "auto", group: Any = None) -> Tensor:
     """Conditional contrastive learning with kernel, CCL-K (Tsai et al., Crazy-Jack/CCLK-release),
     math.md 5: a cosine critic over [z2 | z1] columns with conditional weights W.
 
@@ -431,6 +669,23 @@ def cclk_loss(z1, z2, weight_x=None, weight_y=None, *, conditions=None, lam=0.1,
     "weaklysup". normalize=True L2-normalizes z1, z2 first, as the official critic does.
     reduction "none" gives [2B] terms: view-1 anchors, then view-2 anchors. Under the ring
     (``group=``) only ``conditions`` work: a dense W is a global B x B matrix.
+
+    Args:
+        z1, z2: [B, D] float embeddings of the two views.
+        weight_x, weight_y: [B, B] dense conditional weights (both or neither; no gradient).
+        conditions: (c_x [B, r], c_y [B, r]) instead of the weights; lam: ridge > 0 for them.
+        temperature: > 0, float or 0-dim tensor; mode: "hardneg" or "weaklysup".
+        normalize: L2-normalize z1, z2 first.
+        reduction: "mean", "sum" or "none" ([2B]); backend, group: as ``info_nce``.
+
+    Returns:
+        The loss, 0-dim ([2B] for "none"), float32 for half inputs, else the input dtype.
+
+    Example::
+
+        w = tilecl.reference.cclk_weights(c, lam=0.1)              # c: [B, r] conditions
+        loss = tilecl.cclk_loss(z1, z2, w, w, temperature=0.5)
+        loss = tilecl.cclk_loss(z1, z2, conditions=(c, c), temperature=0.5)
     """
     z1, z2 = _two_views(z1, z2, group=group)
     b = z1.shape[0]
@@ -475,9 +730,23 @@ def cclk_loss(z1, z2, weight_x=None, weight_y=None, *, conditions=None, lam=0.1,
 
 
 @C.autocast_rule
-def uniformity_loss(x, *, t=2.0, backend="auto", group=None):
+def uniformity_loss(x: Tensor, *, t: Scale = 2.0, backend: str = "auto",
+                    group: Any = None) -> Tensor:
     """Uniformity (Wang & Isola, ssnl/align_uniform): log mean_{i<j} exp(-t ||x_i - x_j||^2)
-    over the rows of x [N, D] (N >= 2), math.md 6.2. t: float or 0-dim tensor > 0."""
+    over the rows of x [N, D] (N >= 2), math.md 6.2. t: float or 0-dim tensor > 0.
+
+    Args:
+        x: [N, D] float embeddings (L2-normalized, as align_uniform expects), N >= 2.
+        t: > 0, float or 0-dim tensor.
+        backend, group: as ``info_nce`` (under a group: all pairs of the global batch).
+
+    Returns:
+        0-dim loss (<= 0), float32 for half inputs, else the input dtype.
+
+    Example::
+
+        loss = tilecl.uniformity_loss(F.normalize(x, dim=1), t=2.0)
+    """
     C.features(x, "x", allow_empty=group is not None)
     if group is None and x.shape[0] < 2:
         raise ValueError(f"x needs at least 2 rows (pairs), got {x.shape[0]}")
@@ -489,12 +758,27 @@ def uniformity_loss(x, *, t=2.0, backend="auto", group=None):
 
 
 @C.autocast_rule
-def decoupled_uniformity(z, prior=None, *, t=2.0, kernel="rbf", sigma=1.0, lam=0.01,
-                         backend="auto", group=None):
+def decoupled_uniformity(z: Tensor, prior: Optional[Tensor] = None, *, t: Scale = 2.0,
+                         kernel: str = "rbf", sigma: float = 1.0, lam: float = 0.01,
+                         backend: str = "auto", group: Any = None) -> Tensor:
     """Decoupled uniformity (Dufumier et al., Duplums/contrastive-decoupled-uniformity), math.md 6.1:
     centroids mu_i = mean_v normalize(z_iv) of z [B, V, D]; with ``prior`` [B, p] the centroids
     become alpha mu, alpha = (K + lam I)^-1 K (kernel "rbf" with sigma: dense B x B solve;
-    "cosine": low rank, O(B p), also under the ring); then uniformity with t."""
+    "cosine": low rank, O(B p), also under the ring); then uniformity with t.
+
+    Args:
+        z: [B, V, D] float, V views of B samples (B >= 2); normalized inside.
+        prior: [B, p] float prior features, or None.
+        t: > 0, float or 0-dim tensor; kernel: "rbf" or "cosine"; sigma, lam: floats > 0.
+        backend, group: as ``info_nce``.
+
+    Returns:
+        0-dim loss, float32 for half inputs, else the input dtype.
+
+    Example::
+
+        loss = tilecl.decoupled_uniformity(torch.stack([v1, v2], 1), prior=p, kernel="cosine")
+    """
     import torch.nn.functional as F
 
     C.features(z, "z", dim=3, allow_empty=group is not None)
