@@ -14,7 +14,7 @@ $(STAMP): $(SOURCES)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -r .ci/requirements.txt
-	$(PIP) install -q --no-build-isolation --no-deps -e .
+	TILECL_REQUIRE_NATIVE=1 $(PIP) install -q --no-build-isolation --no-deps -e .
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import functools
+from pathlib import Path
 
 import torch
 
@@ -378,11 +379,23 @@ def _rtc_launch(p: "_Prepared", modes, outs: dict, device, stream):
     # buf may be freed now: the caching allocator reuses it only in the order of this stream
 
 
+def _not_built():
+    """Why tilecl._C cannot be imported: the install's own note when it skipped the build."""
+    try:
+        note = Path(__file__).with_name("_native_skipped.txt").read_text().strip()
+    except OSError:
+        note = ""
+    if note:
+        return f"tilecl._C was not built at install ({note}); the other backends work"
+    return (f"tilecl._C is not built ({_IMPORT_ERROR}); reinstall with a C++ compiler, CMake and "
+            "pybind11 (pip install -v . shows the build)")
+
+
 def unavailable(device):
     """None when the native backend can run on ``device``, else the reason."""
     device = torch.device(device)
     if _C is None:
-        return f"tilecl._C is not built ({_IMPORT_ERROR}); reinstall with pip install -e ."
+        return _not_built()
     if device.type == "cpu":
         return None
     if device.type != "cuda":
