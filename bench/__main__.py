@@ -4,7 +4,7 @@ Examples::
 
     python -m bench --suite cpu                  # < 5 min on 2 cores -> bench/results/<date>-cpu/
     python -m bench --suite gpu                  # < 8 min on one H100 -> bench/results/<date>-h100.../
-    python -m bench --suite smoke --out /tmp/b   # seconds: checks the harness
+    python -m bench --suite smoke                # seconds: checks the harness (-> a temp folder)
     python -m bench --suite scaling              # = python -m bench.scaling (tiled vs dense vs N)
     python -m bench --suite gpu --dry-run        # print the plan only
     python -m bench.report bench/results/<dir>/results.json   # re-render table and plots
@@ -15,10 +15,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 
 import torch
 
-from . import report, suites
+from . import first_call, report, suites
 
 
 def main(argv=None):
@@ -44,7 +45,11 @@ def main(argv=None):
     ap.add_argument("--tiles", default=None,
                     help="cpu target: torch-backend tiles to try, e.g. 512x1024,2048x2048")
     ap.add_argument("--target-reps", type=int, default=None, help="cpu target: timed calls")
-    ap.add_argument("--out", default=None, help="results folder (default bench/results/<date>-<dev>)")
+    ap.add_argument("--out", default=None,
+                    help="results folder (default bench/results/<date>-<dev>; smoke: a new "
+                         "temporary folder, never next to real results)")
+    ap.add_argument("--no-first-call", action="store_true",
+                    help="skip the first-call times (a fresh process per backend, a few seconds)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads (CPU); default: torch's (one per core)")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and exit")
@@ -79,9 +84,15 @@ def main(argv=None):
     env = report.environment(suite.device)
     print(f"# {env['device']} | torch {env['torch']} | backends {env['tilecl_backends']} | "
           f"{env['date_utc']}", flush=True)
+    if not args.no_first_call and not args.target_only:
+        env["first_call_s"] = first_call.record(suite.device, log=lambda s: print(s, flush=True))
     records = suites.run(suite, log=lambda s: print(s, flush=True), only_losses=args.loss)
     env["loadavg_after"] = report.loadavg()
-    out = args.out or suites.out_dir(env)
+    loaded = report.load_warning(env)
+    if loaded:
+        print(f"WARNING: {loaded}", flush=True)
+    out = args.out or (tempfile.mkdtemp(prefix="tilecl-bench-smoke-") if suite.name == "smoke"
+                       else suites.out_dir(env))
     os.makedirs(out, exist_ok=True)
     target = [r for r in records if r.get("group") == "target"]
     summary = suites.target_markdown(target) if target else ""
@@ -100,6 +111,8 @@ def main(argv=None):
     pngs = report.render(path)
     print(f"wrote {path}, {os.path.join(out, 'results.md')}, " + ", ".join(pngs))
     print(report.short_summary(records))
+    if loaded:
+        print(f"WARNING: {loaded}")
     if summary:
         print(summary)
     return 0

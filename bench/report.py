@@ -40,6 +40,28 @@ def loadavg():
         return None
 
 
+def load_warning(env) -> str:
+    """A sentence when other work shared the machine during the run (timings are then noisy):
+    the 1-minute load average above half the cores before the run, or above the benchmark's own
+    threads plus half the cores after it; else ""."""
+    cores = env.get("cpu_count") or 1
+    before, after = env.get("loadavg_before"), env.get("loadavg_after")
+    own = env.get("torch_threads") or cores
+    if (before is not None and before > 0.5 * cores) or (after is not None and after > own + 0.5 * cores):
+        return (f"the machine was loaded: 1-min load average {before} before and {after} after the "
+                f"run on {cores} cores (the benchmark itself runs {own} threads); timings are noisy")
+    return ""
+
+
+def first_call_line(env) -> str:
+    """The first-call times of ``bench.first_call`` as one markdown line, or ""."""
+    fc = env.get("first_call_s") or {}
+    parts = [f"{b} {1e3 * r['first_call_s']:.0f} ms (later {1e3 * r['later_call_s']:.1f} ms)"
+             for b, r in fc.items() if "error" not in r]
+    return ("first loss call of a fresh process (info_nce forward + backward, N = 256, D = 64): "
+            + ", ".join(parts)) if parts else ""
+
+
 def environment(device: str) -> dict:
     """Device, versions, date: what every results table states."""
     env = {
@@ -154,6 +176,8 @@ def markdown(env, records, title="tilecl benchmark", notes=()):
              *([f"- CPU threads: {env['torch_threads']} of {env['cpu_count']} cores; 1-min load "
                 f"average before/after: {env.get('loadavg_before')}/{env.get('loadavg_after')}"]
                if env["device"].startswith("CPU") else []),
+             *([f"- **WARNING: {load_warning(env)}**"] if load_warning(env) else []),
+             *([f"- {first_call_line(env)}"] if first_call_line(env) else []),
              "- cells: median time in ms / extra peak memory in MiB (beyond the inputs; "
              "gradients included); OOM = out of memory; - = not run (cap, budget, or after an "
              "OOM/error)", *[f"- {n}" for n in notes], ""]

@@ -107,8 +107,10 @@ def positive_scalar(value, name, like):
             raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
         if value.device != like.device and value.device.type != "cpu":
             raise ValueError(f"{name} is on {value.device} but the features are on {like.device}")
-        v = float(value.detach())
         t = value.reshape(()).to(device=like.device, dtype=compute_dtype(like))
+        if torch.compiler.is_compiling():  # its value is not known while tracing
+            return t
+        v = float(value.detach())
     elif isinstance(value, (int, float)):
         v = float(value)
         t = torch.tensor(v, dtype=compute_dtype(like), device=like.device)

@@ -17,10 +17,10 @@ zeroed because the kernels accumulate into them).
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import functools
-import json
-from typing import List, Optional, Tuple
+from pathlib import Path
 
 import torch
 
@@ -178,34 +178,47 @@ def _backward_impl(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, 
     return (dq if needs[0] else None), dk, da, db
 
 
-# ---- torch.library custom ops (torch.compile sees one opaque op with a fake implementation) ----
+# ---- operator registration (torch.compile sees one opaque op with a fake implementation) ----
 # The TileSpec travels as a JSON string, the TileAux tensors as optional arguments; absent outputs
-# are empty tensors inside the op and None outside.
+# are empty tensors inside the op and None outside. The ops are declared with a schema string on a
+# torch.library.Library and implemented for the CPU and CUDA dispatch keys: unlike
+# torch.library.custom_op (which imports torch's compiler stack, sympy included, on first use)
+# this costs nothing at import or at the first call. register_fake only records a function; it is
+# run by FakeTensor when torch.compile traces.
 
 _AUX_FIELDS = ("excl", "pos", "labels_q", "labels_k", "weight", "wa", "wb", "thresh")
+_AUX_SCHEMA = ("Tensor? excl, Tensor? pos, Tensor? labels_q, Tensor? labels_k, Tensor? weight, "
+               "Tensor? wa, Tensor? wb, Tensor? thresh, int col_offset, str spec")
+_OUT4 = "(Tensor, Tensor, Tensor, Tensor)"
+
+
+_SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(TileSpec) if f.name != "sums")
+_SUM_FIELDS = tuple(f.name for f in dataclasses.fields(SumSpec))
 
 
 def _spec_key(spec: TileSpec) -> str:
-    return json.dumps(dataclasses.asdict(spec), sort_keys=True)
+    """The spec as the op's string argument: the reprs of its fields, then of its sums' fields
+    (plain string formatting, which torch.compile folds to a constant; json.dumps it cannot)."""
+    head = ";".join([f"{getattr(spec, f)!r}" for f in _SPEC_FIELDS])
+    sums = ";".join([",".join([f"{getattr(s, f)!r}" for f in _SUM_FIELDS]) for s in spec.sums])
+    return f"{head}|{sums}"
 
 
 @functools.lru_cache(maxsize=256)
 def _spec_of(key: str) -> TileSpec:
-    d = json.loads(key)
-    d["sums"] = tuple(SumSpec(**s) for s in d["sums"])
-    return TileSpec(**d)
+    head, sums = key.split("|")
+    fields = dict(zip(_SPEC_FIELDS, map(ast.literal_eval, head.split(";"))))
+    fields["sums"] = tuple(SumSpec(**dict(zip(_SUM_FIELDS, map(ast.literal_eval, s.split(",")))))
+                           for s in sums.split(";") if s)
+    return TileSpec(**fields)
 
 
 def _aux_of(aux_tensors, col_offset) -> TileAux:
     return TileAux(**dict(zip(_AUX_FIELDS, aux_tensors)), col_offset=col_offset)
 
 
-@torch.library.custom_op("tilecl::native_tile_fwd", mutates_args=())
-def _fwd_op(q: torch.Tensor, k: torch.Tensor, alpha: torch.Tensor, bias: Optional[torch.Tensor],
-            excl: Optional[torch.Tensor], pos: Optional[torch.Tensor], labels_q: Optional[torch.Tensor],
-            labels_k: Optional[torch.Tensor], weight: Optional[torch.Tensor], wa: Optional[torch.Tensor],
-            wb: Optional[torch.Tensor], thresh: Optional[torch.Tensor], col_offset: int,
-            spec: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _fwd_kernel(q, k, alpha, bias, excl, pos, labels_q, labels_k, weight, wa, wb, thresh, col_offset,
+                spec):
     sp = _spec_of(spec)
     aux = _aux_of((excl, pos, labels_q, labels_k, weight, wa, wb, thresh), col_offset)
     stats, col, top = _forward_impl(sp, q, k, alpha, bias, aux)
@@ -214,7 +227,6 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, alpha: torch.Tensor, bias: Optiona
     return stats, (col if col is not None else stats.new_empty(0)), top[0], top[1]
 
 
-@_fwd_op.register_fake
 def _fwd_fake(q, k, alpha, bias, excl, pos, labels_q, labels_k, weight, wa, wb, thresh, col_offset,
               spec):
     sp, cdt = _spec_of(spec), compute_dtype(q)
@@ -224,14 +236,8 @@ def _fwd_fake(q, k, alpha, bias, excl, pos, labels_q, labels_k, weight, wa, wb, 
             q.new_empty(top, dtype=cdt), q.new_empty(top, dtype=torch.int64))
 
 
-@torch.library.custom_op("tilecl::native_tile_bwd", mutates_args=())
-def _bwd_op(q: torch.Tensor, k: torch.Tensor, alpha: torch.Tensor, bias: Optional[torch.Tensor],
-            excl: Optional[torch.Tensor], pos: Optional[torch.Tensor], labels_q: Optional[torch.Tensor],
-            labels_k: Optional[torch.Tensor], weight: Optional[torch.Tensor], wa: Optional[torch.Tensor],
-            wb: Optional[torch.Tensor], thresh: Optional[torch.Tensor], col_offset: int, spec: str,
-            stats: torch.Tensor, col: Optional[torch.Tensor], g_stats: torch.Tensor,
-            g_col: Optional[torch.Tensor],
-            needs: List[bool]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _bwd_kernel(q, k, alpha, bias, excl, pos, labels_q, labels_k, weight, wa, wb, thresh, col_offset,
+                spec, stats, col, g_stats, g_col, needs):
     sp = _spec_of(spec)
     out = _backward_impl(sp, q, k, alpha, bias,
                          _aux_of((excl, pos, labels_q, labels_k, weight, wa, wb, thresh), col_offset),
@@ -239,13 +245,25 @@ def _bwd_op(q: torch.Tensor, k: torch.Tensor, alpha: torch.Tensor, bias: Optiona
     return tuple(t if t is not None else stats.new_empty(0) for t in out)  # no aliased returns
 
 
-@_bwd_op.register_fake
 def _bwd_fake(q, k, alpha, bias, excl, pos, labels_q, labels_k, weight, wa, wb, thresh, col_offset,
               spec, stats, col, g_stats, g_col, needs):
     cdt = compute_dtype(q)
     shapes = (q.shape if needs[0] else (0,), k.shape if needs[1] else (0,),
               alpha.shape if needs[2] else (0,), () if (needs[3] and bias is not None) else (0,))
     return tuple(q.new_empty(shape, dtype=cdt) for shape in shapes)
+
+
+_LIB = torch.library.Library("tilecl", "FRAGMENT")  # kept alive: the registrations live with it
+_LIB.define(f"native_tile_fwd(Tensor q, Tensor k, Tensor alpha, Tensor? bias, {_AUX_SCHEMA}) -> {_OUT4}")
+_LIB.define(f"native_tile_bwd(Tensor q, Tensor k, Tensor alpha, Tensor? bias, {_AUX_SCHEMA}, "
+            f"Tensor stats, Tensor? col, Tensor g_stats, Tensor? g_col, bool[] needs) -> {_OUT4}")
+for _key in ("CPU", "CUDA"):
+    _LIB.impl("native_tile_fwd", _fwd_kernel, _key)
+    _LIB.impl("native_tile_bwd", _bwd_kernel, _key)
+torch.library.register_fake("tilecl::native_tile_fwd", _fwd_fake, lib=_LIB)
+torch.library.register_fake("tilecl::native_tile_bwd", _bwd_fake, lib=_LIB)
+_fwd_op = torch.ops.tilecl.native_tile_fwd.default
+_bwd_op = torch.ops.tilecl.native_tile_bwd.default
 
 
 def forward(spec: TileSpec, q, k, alpha, bias, aux: TileAux):
@@ -361,11 +379,23 @@ def _rtc_launch(p: "_Prepared", modes, outs: dict, device, stream):
     # buf may be freed now: the caching allocator reuses it only in the order of this stream
 
 
+def _not_built():
+    """Why tilecl._C cannot be imported: the install's own note when it skipped the build."""
+    try:
+        note = Path(__file__).with_name("_native_skipped.txt").read_text().strip()
+    except OSError:
+        note = ""
+    if note:
+        return f"tilecl._C was not built at install ({note}); the other backends work"
+    return (f"tilecl._C is not built ({_IMPORT_ERROR}); reinstall with a C++ compiler, CMake and "
+            "pybind11 (pip install -v . shows the build)")
+
+
 def unavailable(device):
     """None when the native backend can run on ``device``, else the reason."""
     device = torch.device(device)
     if _C is None:
-        return f"tilecl._C is not built ({_IMPORT_ERROR}); reinstall with pip install -e ."
+        return _not_built()
     if device.type == "cpu":
         return None
     if device.type != "cuda":

@@ -116,6 +116,12 @@ def _logits(spec, qaI, kJ, aI, bias, nqI, nkJ):
     return base * (-aI[:, None]), d2
 
 
+def _tracing() -> bool:
+    """True under torch.compile: the shortcuts below that read a tensor's values are skipped
+    (they only save work), so the trace has no data-dependent branch."""
+    return torch.compiler.is_compiling()
+
+
 def _masks(spec: TileSpec, aux: TileAux, i0, i1, j0, j1, device, x):
     """allowed [BR, BC] bool (None: every column allowed) and Y [BR, BC] bool (None: no positive)."""
     allowed = None
@@ -124,7 +130,7 @@ def _masks(spec: TileSpec, aux: TileAux, i0, i1, j0, j1, device, x):
     if aux.excl is not None:
         e = aux.excl[i0:i1]
         lo, hi = j0 + aux.col_offset, j1 + aux.col_offset
-        if bool(((e >= lo) & (e < hi)).any()):
+        if _tracing() or bool(((e >= lo) & (e < hi)).any()):
             allowed = e[:, None] != cols[None, :]
     y = None
     if spec.positive == "index":
@@ -279,7 +285,7 @@ def _col_lse(x, allowed, shared):
     s = torch.exp(m - c) @ e  # [BR] @ [BR, BC]
     lse = s.log().add_(c)
     bad = s < _COL_FLOOR
-    if bool(bad.any()):
+    if _tracing() or bool(bad.any()):
         lse = torch.where(bad, torch.logsumexp(xc, 0), lse)
     return lse
 
@@ -305,7 +311,7 @@ def _tile_grad(spec, x, allowed, y, w, stats_I, g_I, colstat_J):
     G = None
     for r, s in enumerate(spec.sums):
         lse, g = stats_I[r]
-        if not bool(g.any()):
+        if not _tracing() and not bool(g.any()):
             continue
         z = _sum_logits(s, x, _sum_mask(s, allowed, y), w)
         term = torch.sub(z, lse[:, None]).exp_().mul_((g * s.beta)[:, None])  # beta g pi^k
