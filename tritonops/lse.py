@@ -21,7 +21,7 @@ under the interpreter for bf16), in the forward COL_ATOMIC / COL_GATHER (column 
 in the row pass / a column pass over listed columns) and TOPK / TOPK_P2 (stream each row's TOPK
 largest logits over its allowed non-positive columns, see _topk_merge; 0 = off) and in the
 backward PRECISION2 / H16 / HSCALE (operand types of the gradient matmul, see _grad_dot) and
-FWD_STATS (SigLIP's forward fused into the dq pass).
+FWD_STATS (SigLIP's forward fused into the dq pass, or into the gemm backward's row H pass).
 """
 
 import triton
@@ -631,8 +631,9 @@ def _lse_bwd_kernel(
                 b_gx += tl.sum(b_G * b_x, axis=1)
             if SIG and HAS_BIAS:
                 b_gs += tl.sum(b_G, axis=1)
-            if FWD_STATS:
-                b_sig += _softplus_sum(b_x, m_allowed, m_y)
+            if FWD_STATS:  # the loss statistic once per tile: in the first D chunk, which stores it
+                if i_d == 0:
+                    b_sig += _softplus_sum(b_x, m_allowed, m_y)
         p_q = q_ptr + o_m[:, None] * s_qn + o_d[None, :] * s_qd
         if DIST:  # dq_i = sum_j H_ij k_j - (sum_j H_ij) q_i
             b_q = tl.load(p_q, mask=m_m[:, None] & m_d[None, :], other=0.0).to(tl.float32)
@@ -662,7 +663,7 @@ def _lse_h_kernel(
     C0: tl.constexpr, B0: tl.constexpr, W0: tl.constexpr,
     C1: tl.constexpr, B1: tl.constexpr, W1: tl.constexpr,
     LIN: tl.constexpr, SIG: tl.constexpr, COL_LSE: tl.constexpr, TRANS: tl.constexpr,
-    HAS_GPOS: tl.constexpr, PART: tl.constexpr,
+    HAS_GPOS: tl.constexpr, PART: tl.constexpr, FWD_STATS: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
@@ -675,6 +676,8 @@ def _lse_h_kernel(
     1.3), in fp32 before the cast. PART: per row and column block, sum_j G'_ij and
     sum_j G'_ij x_ij (G' with the positive term) into part [2, N, M / BN] (row stride s_pn): the
     SigLIP bias gradient and dalpha_i = (sum_j G'_ij x_ij - b sum_j G'_ij) / a_i (math.md 1.5).
+    FWD_STATS (with PART, SigLIP): also the block's softplus sums, the loss statistic (math.md
+    2.2), into part[2]: SigLIP's forward fused into the row H pass of the gemm backward.
     TRANS must be false.
     """
     i_m = tl.program_id(0).to(tl.int64)
@@ -710,3 +713,5 @@ def _lse_h_kernel(
         p_p = part_ptr + o_m * s_pn + i_n
         tl.store(p_p, tl.sum(b_G, axis=1), mask=m_m)
         tl.store(p_p + N * s_pn, tl.sum(tl.where(m_in, b_G * b_x, 0.0), axis=1), mask=m_m)
+        if FWD_STATS:
+            tl.store(p_p + 2 * N * s_pn, _softplus_sum(b_x, m_allowed, m_y), mask=m_m)
