@@ -185,16 +185,20 @@ class _StubLse:
     # writes stats (12), the column pass (TRANS) the column LSE (13). backward: out is 16.
     _lse_fwd_kernel = _StubKernel(lambda meta: (13,) if meta["TRANS"] else (12,))
     _lse_bwd_kernel = _StubKernel(lambda meta: (16,))
+    _lse_h_kernel = _StubKernel(lambda meta: (18, 19))  # H and its partial sums
 
 
-@pytest.mark.parametrize("name", ["clip", "siglip", "nt_xent"])
-def test_extra_memory_at_65536_under_64_mib(monkeypatch, name):
-    """Issue 3's memory target, on the driver with the kernels stubbed (they allocate nothing):
+# auto: the gemm backward at this D (SigLIP's forward in its row H pass); fused: the chunked one
+@pytest.mark.parametrize("name,bwd", [("clip", "auto"), ("siglip", "auto"), ("nt_xent", "fused")])
+def test_extra_memory_at_65536_under_64_mib(monkeypatch, name, bwd):
+    """The memory target, on the driver with the kernels stubbed (they allocate nothing):
     symmetric CLIP / SigLIP / NT-Xent, bf16, N = M = 65536, D = 768, forward + backward at the
-    default workspace: at most 64 MiB beyond the inputs and their gradients."""
+    default workspace, both backwards: at most 64 MiB beyond the inputs and their gradients."""
     import tilecl
 
     monkeypatch.delenv("TILECL_TRITON_WORKSPACE_MB", raising=False)
+    monkeypatch.setenv("TILECL_TRITON_BWD", bwd)
+    assert tbg.applies(TileSpec(), torch.empty(1, 768, dtype=torch.bfloat16)) == (bwd == "auto")
     monkeypatch.setattr(tb, "_lse", _StubLse)
     # call the implementations directly: a dispatch mode sees a custom op's outputs, not the
     # tensors its implementation allocates and frees
@@ -215,13 +219,14 @@ def test_extra_memory_at_65536_under_64_mib(monkeypatch, name):
     if name == "nt_xent":  # it concatenates its two views into z [2N, D]: one input-sized copy
         grads += 2 * rows * d * 2
     extra = mode.peak - grads
-    print(f"{name}: {extra / 2**20:.1f} MiB beyond inputs and gradients")
+    print(f"{name} ({bwd}): {extra / 2**20:.1f} MiB beyond inputs and gradients")
     assert q.grad is not None and k.grad is not None
     assert extra <= 64 * 2**20, f"{name}: {extra / 2**20:.1f} MiB beyond inputs and gradients"
 
 
 def _spy_launches(monkeypatch):
-    """Record (kernel, TRANS, FWD_STATS) of every launch of the real kernels."""
+    """Record (kernel, TRANS, FWD_STATS) of every launch of the real kernels; for the H kernel
+    of the gemm backward ("h", PART, FWD_STATS)."""
     log = []
 
     class Spy:
@@ -230,24 +235,39 @@ def _spy_launches(monkeypatch):
 
         def __getitem__(self, grid):
             def launch(*args, **meta):
-                log.append((self.name, meta.get("TRANS"), meta.get("FWD_STATS", False)))
+                second = meta["PART"] if self.name == "h" else meta.get("TRANS")
+                log.append((self.name, second, meta.get("FWD_STATS", False)))
                 return self.real[grid](*args, **meta)
             return launch
 
     class Lse:
         _lse_fwd_kernel = Spy("fwd", tb._lse._lse_fwd_kernel)
         _lse_bwd_kernel = Spy("bwd", tb._lse._lse_bwd_kernel)
+        _lse_h_kernel = Spy("h", tb._lse._lse_h_kernel)
 
     monkeypatch.setattr(tb, "_lse", Lse)
     return log
 
 
+# the launches of SigLIP's forward + backward: fused into the dq pass (fused backward) or into
+# the row H pass (gemm backward), then the dk (column H) pass; and with the fusion turned off
+SIGLIP_LAUNCHES = {
+    "fused": ([("bwd", False, True), ("bwd", True, False)],
+              [("fwd", False, False), ("bwd", False, False), ("bwd", True, False)]),
+    "gemm": ([("h", True, True), ("h", False, False)],
+             [("fwd", False, False), ("h", True, False), ("h", False, False)]),
+}
+
+
+@pytest.mark.parametrize("bwd", ["fused", "gemm"])
 @pytest.mark.parametrize("labels", [False, True])
-def test_siglip_forward_runs_the_dq_pass(monkeypatch, labels):
-    """SigLIP on triton: the forward is one sweep that also writes dq (FWD_STATS), the backward
-    only the dk pass; loss and every gradient as with the fused path off and as the reference."""
+def test_siglip_forward_runs_the_dq_pass(monkeypatch, labels, bwd):
+    """SigLIP on triton: the forward is one sweep that also writes dq (FWD_STATS: the dq pass,
+    or under the gemm backward the row H pass and its GEMM), the backward only the dk pass; loss
+    and every gradient as with the fused path off and as the float64 reference."""
     import tilecl
 
+    monkeypatch.setenv("TILECL_TRITON_BWD", bwd)
     gen = torch.Generator().manual_seed(5)
     n, m, d = 21, 26, 24
     x = torch.nn.functional.normalize(torch.randn(n, d, generator=gen), dim=1)
@@ -268,14 +288,52 @@ def test_siglip_forward_runs_the_dq_pass(monkeypatch, labels):
     ref = run("reference")
     log = _spy_launches(monkeypatch)
     fused = run("triton", torch.float32)
-    assert log == [("bwd", False, True), ("bwd", True, False)], log
+    want_fused, want_plain = SIGLIP_LAUNCHES[bwd]
+    assert log == want_fused, log
     monkeypatch.setenv("TILECL_TRITON_SIGLIP_FUSED", "0")
     log.clear()
     plain = run("triton", torch.float32)
-    assert log == [("fwd", False, False), ("bwd", False, False), ("bwd", True, False)], log
+    assert log == want_plain, log
     for i, (a, b, r) in enumerate(zip(fused, plain, ref)):
         assert_rel(a, r, 1e-5, f"output {i} (fused) vs reference")
         assert_rel(a, b, 1e-5, f"output {i}: fused vs not")
+
+
+def test_siglip_softplus_sums_once_per_tile(monkeypatch):
+    """The fused dq pass over three D chunks (D = 150, BD = 64 under the interpreter): the loss
+    statistic is computed by the first chunk's programs only, once per [BM, BN] tile, and every
+    output (softplus sums, dq(g = 1) / N, <q_i, dq_i>, sum_j G_ij) equals its float64 value."""
+    monkeypatch.setenv("TILECL_TRITON_BWD", "fused")
+    gen = torch.Generator().manual_seed(8)
+    n, m, d = 37, 45, 150
+    q, k = (torch.nn.functional.normalize(torch.randn(r, d, generator=gen), dim=1) for r in (n, m))
+    lq, lk = torch.randint(0, 4, (n,), generator=gen), torch.randint(0, 4, (m,), generator=gen)
+    spec = TileSpec(positive="label", sigmoid=True)
+    calls = []
+
+    class Count:  # the interpreter calls the jit helper through the module's global
+        def __init__(self, real):
+            self.real = real
+
+        def __call__(self, *args):
+            calls.append(1)
+            return self.real(*args)
+
+    monkeypatch.setattr(tb._lse, "_softplus_sum", Count(tb._lse._softplus_sum))
+    a, b = 7.0, -2.0
+    stats, u, qdot, gsum = tbw._forward_dq_impl(spec, q, k, torch.tensor(a), torch.tensor(b),
+                                                TileAux(labels_q=lq, labels_k=lk))
+    cfg = tb._configs.INTERPRET_BWD
+    assert -(-d // cfg["BD"]) == 3
+    assert len(calls) == -(-n // cfg["BM"]) * -(-m // cfg["BN"]), len(calls)
+    x = a * q.double() @ k.double().T + b
+    y = (lq[:, None] == lk[None, :]).double()
+    g = torch.sigmoid(x) - y
+    dq1 = a * g @ k.double()
+    assert_rel(stats[0], (torch.nn.functional.softplus(x) - y * x).sum(1), 1e-5, "softplus sums")
+    assert_rel(u, dq1 / n, 1e-5, "u")
+    assert_rel(qdot, (q.double() * dq1).sum(1), 1e-5, "<q, dq>")
+    assert_rel(gsum, g.sum(1), 1e-5, "sum_j G")
 
 
 def test_siglip_fused_without_gradients_and_twice(monkeypatch):
@@ -326,43 +384,57 @@ def test_gemm_backward_bf16_no_worse_than_pytorch(tiny_workspace, monkeypatch, n
     _check_low(name, torch.bfloat16)
 
 
+@pytest.mark.parametrize("d,dtype,precision,want", [
+    pytest.param(768, torch.bfloat16, "ieee", "gemm", id="bf16-D768"),
+    pytest.param(512, torch.bfloat16, "ieee", "gemm", id="bf16-D512"),
+    pytest.param(385, torch.bfloat16, "ieee", "gemm", id="bf16-D385"),
+    pytest.param(384, torch.bfloat16, "ieee", "fused", id="bf16-D384"),
+    pytest.param(256, torch.bfloat16, "ieee", "fused", id="bf16-D256"),
+    pytest.param(64, torch.bfloat16, "ieee", "fused", id="bf16-D64"),
+    pytest.param(768, torch.float16, "ieee", "fused", id="fp16-D768"),
+    pytest.param(257, torch.float32, "ieee", "gemm", id="fp32-D257"),
+    pytest.param(256, torch.float32, "ieee", "fused", id="fp32-D256"),
+    pytest.param(384, torch.float32, "tf32", "fused", id="tf32-D384"),
+    pytest.param(768, torch.float32, "tf32", "gemm", id="tf32-D768"),
+])
+def test_auto_backward_rule(monkeypatch, d, dtype, precision, want):
+    """The automatic backward: gemm where D (ceil(D / 256) - 1) > h R / B (the logits
+    recomputed per extra D chunk cost more than H's round trip through memory), and the
+    environment override; distance logits and fp16 always fused."""
+    assert tbg.auto_mode(d, dtype, precision) == want
+    monkeypatch.setenv("TILECL_TRITON_PRECISION", precision)
+    q = torch.empty(3, d, dtype=dtype)
+    dot, dist = TileSpec(), TileSpec(logit="dist")
+    monkeypatch.delenv("TILECL_TRITON_BWD", raising=False)
+    assert tbg.bwd_mode() == "auto" and tbg.applies(dot, q) == (want == "gemm")
+    for env in ("fused", "gemm"):
+        monkeypatch.setenv("TILECL_TRITON_BWD", env)
+        assert tbg.applies(dot, q) == (env == "gemm" and dtype != torch.float16)
+        assert not tbg.applies(dist, q)
+    # the work per pair of one pass at D = 768, bf16: 8 D vs 4 D flops and H's 4 bytes
+    assert tbg.pass_work("fused", 768, 2) == (8 * 768, 0)
+    assert tbg.pass_work("gemm", 768, 2) == (4 * 768, 4)
+
+
 def test_gemm_backward_launches_and_fallbacks(monkeypatch):
     """gemm: the H kernel, no backward kernel; fp16 inputs and distance logits keep "fused"."""
     import tilecl
 
     monkeypatch.setenv("TILECL_TRITON_BWD", "gemm")
-    from tilecl.tritonops import lse
-
     log = _spy_launches(monkeypatch)
-
-    calls = []
-
-    class SpyH:
-        def __getitem__(self, grid):
-            def launch(*args, **meta):
-                calls.append(meta["PART"])
-                return lse._lse_h_kernel[grid](*args, **meta)
-            return launch
-
-    tb._lse._lse_h_kernel = SpyH()  # on the spy module that _spy_launches put in place
     x = torch.nn.functional.normalize(torch.randn(12, 8), dim=1)
     for dtype, want_h in ((torch.float32, True), (torch.float16, False)):
         log.clear()
-        calls.clear()
         a, b = (t.to(dtype).clone().requires_grad_() for t in (x, x.flip(0)))
         tilecl.clip_loss(a, b, 10.0, backend="triton").backward()
+        h = [e for e in log if e[0] == "h"]
         bwd = [e for e in log if e[0] == "bwd"]
-        assert (calls == [True, False]) == want_h and (not bwd) == want_h, (dtype, calls, log)
+        assert (h == [("h", True, False), ("h", False, False)]) == want_h, (dtype, log)
+        assert (not bwd) == want_h, (dtype, log)
     log.clear()
-    calls.clear()  # SigLIP: the plain forward (cheaper than its fused dq pass here), two H passes
-    a = x.clone().requires_grad_()
-    tilecl.siglip_loss(a, x.flip(0), 10.0, -10.0, backend="triton").backward()
-    assert log == [("fwd", False, False)] and calls == [True], (log, calls)
-    log.clear()
-    calls.clear()
     z = x.clone().requires_grad_()
     tilecl.kernel_info_nce(z, x.flip(0), temperature=0.5, backend="triton").backward()
-    assert not calls and any(e[0] == "bwd" for e in log)
+    assert not [e for e in log if e[0] == "h"] and any(e[0] == "bwd" for e in log)
     monkeypatch.setenv("TILECL_TRITON_BWD", "sideways")
     with pytest.raises(ValueError, match="TILECL_TRITON_BWD"):
         tbg.bwd_mode()

@@ -1,7 +1,8 @@
 """Tile configurations of the tilecl Triton kernels: the one place they are listed and pruned.
 
-Keys: the autotuner is keyed on ``D`` (the feature dimension) and, automatically, on the dtypes of
-the tensor arguments (Triton appends them to the key), never on N or M. Candidates are a
+Keys: the autotuner is keyed on ``D`` (the feature dimension), every constexpr flag of the kernel
+(``code_flags``) and, automatically, on the dtypes of the tensor arguments (Triton appends them
+to the key), never on N or M. Candidates are a
 comprehension over block sizes, stages and warps, pruned by an estimate of the shared memory the
 software pipeline needs (sm_80: 163 KiB, sm_90: 227 KiB per block) and by D (no D chunk wider than
 the next power of two of D). Under ``TRITON_INTERPRET=1`` (and for the compile report) one fixed
@@ -14,6 +15,7 @@ Meta-parameters:
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import triton
@@ -190,14 +192,32 @@ def bwd_configs():
     ]
 
 
-def autotune_kwargs(backward: bool, flags=()) -> dict:
+def code_flags(kernel) -> list:
+    """The constexpr parameters of a jit kernel (optionally wrapped by ``triton.heuristics``)
+    that its launchers pass: every constexpr of its signature but those a heuristic derives
+    (from the dtypes, which the autotuner appends to its key anyway)."""
+    derived = set(getattr(kernel, "values", None) or ())
+    f = kernel
+    while not inspect.isfunction(f):
+        f = f.fn
+    return [name for name, p in inspect.signature(f).parameters.items()
+            if "constexpr" in str(p.annotation) and name not in derived]
+
+
+def autotune_kwargs(backward: bool, flags=(), reset_to_zero=()) -> dict:
     """Arguments of ``triton.autotune`` for the forward or backward kernel.
 
-    Key: D, the dtypes (added by Triton) and the constexpr ``flags`` that change the kernel's
-    shape (row vs column pass, distance logits, number of sums ...), never N or M.
+    Key: D, the dtypes (added by Triton) and every constexpr in ``flags`` that the candidates do
+    not tune (BM, BN, BK, BD): a flag changes the compiled code (row vs column pass, distance
+    logits, positives, sums, precision ...), so each specialisation gets its own tuning; never N
+    or M. ``reset_to_zero``: the buffers a kernel accumulates into (atomics), zeroed by the
+    autotuner before each benchmark run and before the chosen config's launch.
     """
+    configs = bwd_configs() if backward else fwd_configs()
+    tuned = {name for c in configs for name in c.kwargs}
     return dict(
-        configs=bwd_configs() if backward else fwd_configs(),
-        key=["D", *flags],
+        configs=configs,
+        key=["D", *(f for f in flags if f not in tuned)],
         prune_configs_by={"early_config_prune": _prune(backward)},
+        reset_to_zero=list(reset_to_zero) or None,
     )

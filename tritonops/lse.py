@@ -21,13 +21,13 @@ under the interpreter for bf16), in the forward COL_ATOMIC / COL_GATHER (column 
 in the row pass / a column pass over listed columns) and TOPK / TOPK_P2 (stream each row's TOPK
 largest logits over its allowed non-positive columns, see _topk_merge; 0 = off) and in the
 backward PRECISION2 / H16 / HSCALE (operand types of the gradient matmul, see _grad_dot) and
-FWD_STATS (SigLIP's forward fused into the dq pass).
+FWD_STATS (SigLIP's forward fused into the dq pass, or into the gemm backward's row H pass).
 """
 
 import triton
 import triton.language as tl
 
-from .configs import autotune_kwargs, interpreting
+from .configs import autotune_kwargs, code_flags, interpreting
 
 NEG_INF = tl.constexpr(float("-inf"))
 _KEY_NONE = tl.constexpr(-(2**63))  # below every _topk_pack key: no candidate
@@ -263,11 +263,22 @@ def _heuristics(backward):
     return triton.heuristics(h)
 
 
-_KEY_FLAGS = ["TRANS", "DIST", "N_SUMS", "WEIGHT", "SIG", "COL_LSE"]
-_FWD_KEY_FLAGS = _KEY_FLAGS + ["TOPK", "COL_ATOMIC", "COL_GATHER"]
+def _autotuned(backward: bool, reset_to_zero=()):
+    """``triton.autotune`` of one kernel, keyed on D and every constexpr flag of its signature
+    (``configs.code_flags``: one tuning per compiled specialisation, never shared by two flag
+    sets). The autotuner runs each candidate several times into the same buffers before the real
+    launch: a kernel that accumulates with atomics names those buffers in ``reset_to_zero``, so
+    each run starts from zero (a memset of M floats per run; restore_value would copy them, and a
+    scratch buffer per launch would cost an allocation per call). Kernels that only store are
+    idempotent and need nothing."""
+    def wrap(kernel):
+        return triton.autotune(**autotune_kwargs(backward, code_flags(kernel), reset_to_zero))(
+            kernel)
+    return wrap
 
 
-@triton.autotune(**autotune_kwargs(False, _FWD_KEY_FLAGS))
+# cacc_ptr: the column sums of symmetric CLIP, cacc_j += sum_i exp(x_ij - cref_j) (COL_ATOMIC)
+@_autotuned(False, reset_to_zero=["cacc_ptr"])
 @_heuristics(False)
 @triton.jit
 def _lse_fwd_kernel(
@@ -526,7 +537,7 @@ def _grad_dot(b_h, b_v, b_acc, H16: tl.constexpr, HSCALE: tl.constexpr, PRECISIO
     return b_acc
 
 
-@triton.autotune(**autotune_kwargs(True, _KEY_FLAGS + ["FWD_STATS"]))
+@_autotuned(True)
 @_heuristics(True)
 @triton.jit
 def _lse_bwd_kernel(
@@ -620,8 +631,9 @@ def _lse_bwd_kernel(
                 b_gx += tl.sum(b_G * b_x, axis=1)
             if SIG and HAS_BIAS:
                 b_gs += tl.sum(b_G, axis=1)
-            if FWD_STATS:
-                b_sig += _softplus_sum(b_x, m_allowed, m_y)
+            if FWD_STATS:  # the loss statistic once per tile: in the first D chunk, which stores it
+                if i_d == 0:
+                    b_sig += _softplus_sum(b_x, m_allowed, m_y)
         p_q = q_ptr + o_m[:, None] * s_qn + o_d[None, :] * s_qd
         if DIST:  # dq_i = sum_j H_ij k_j - (sum_j H_ij) q_i
             b_q = tl.load(p_q, mask=m_m[:, None] & m_d[None, :], other=0.0).to(tl.float32)
@@ -637,7 +649,7 @@ def _lse_bwd_kernel(
             tl.store(st_ptr + (N_SUMS + 2 * LIN) * s_st + o_m, b_sig, mask=m_first)
 
 
-@triton.autotune(**autotune_kwargs(False, _KEY_FLAGS + ["HAS_GPOS", "PART"]))
+@_autotuned(False)
 @_heuristics(False)
 @triton.jit
 def _lse_h_kernel(
@@ -651,7 +663,7 @@ def _lse_h_kernel(
     C0: tl.constexpr, B0: tl.constexpr, W0: tl.constexpr,
     C1: tl.constexpr, B1: tl.constexpr, W1: tl.constexpr,
     LIN: tl.constexpr, SIG: tl.constexpr, COL_LSE: tl.constexpr, TRANS: tl.constexpr,
-    HAS_GPOS: tl.constexpr, PART: tl.constexpr,
+    HAS_GPOS: tl.constexpr, PART: tl.constexpr, FWD_STATS: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
@@ -664,7 +676,9 @@ def _lse_h_kernel(
     1.3), in fp32 before the cast. PART: per row and column block, sum_j G'_ij and
     sum_j G'_ij x_ij (G' with the positive term) into part [2, N, M / BN] (row stride s_pn): the
     SigLIP bias gradient and dalpha_i = (sum_j G'_ij x_ij - b sum_j G'_ij) / a_i (math.md 1.5).
-    TRANS must be false (it is in the key only to share _KEY_FLAGS).
+    FWD_STATS (with PART, SigLIP): also the block's softplus sums, the loss statistic (math.md
+    2.2), into part[2]: SigLIP's forward fused into the row H pass of the gemm backward.
+    TRANS must be false.
     """
     i_m = tl.program_id(0).to(tl.int64)
     i_n = tl.program_id(1).to(tl.int64)
@@ -699,3 +713,5 @@ def _lse_h_kernel(
         p_p = part_ptr + o_m * s_pn + i_n
         tl.store(p_p, tl.sum(b_G, axis=1), mask=m_m)
         tl.store(p_p + N * s_pn, tl.sum(tl.where(m_in, b_G * b_x, 0.0), axis=1), mask=m_m)
+        if FWD_STATS:
+            tl.store(p_p + 2 * N * s_pn, _softplus_sum(b_x, m_allowed, m_y), mask=m_m)

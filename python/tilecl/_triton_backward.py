@@ -16,8 +16,9 @@ workspace of at most ``workspace_bytes()`` and finishes each chunk in fp32, in s
 
 then rounds the chunk once into the gradient (input dtype). Each row's and column's fp32
 accumulation is the kernel's, whatever the chunk: the result is the generic path's.
-``TILECL_TRITON_BWD=gemm`` sends dot logits in fp32 / bf16 to ``_triton_gemm`` instead.
-Also here: SigLIP's forward fused into the dq pass (``forward_with_dq``, ``finish_dq``).
+``_triton_gemm.applies`` (``TILECL_TRITON_BWD``: auto by a cost rule, fused or gemm) sends dot
+logits in fp32 / bf16 at large D to ``_triton_gemm`` instead. Also here: SigLIP's forward fused
+into the dq pass, or into the gemm backward's row H pass (``forward_with_dq``, ``finish_dq``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,24 @@ from ._spec import TileAux, TileSpec
 
 WORKSPACE_MB = 40.0  # default fp32 workspace; TILECL_TRITON_WORKSPACE_MB overrides it
 _GLUE_BYTES = 2 << 20  # one fp32 temporary of a chunk's finishing step
+
+# Work per call, estimated (not measured) at N = M = 65536, D = 768, bf16, forward + backward;
+# 1 N M D = 3.3e12 flops, 5.1 ms at 65 % of the H100 / H200 bf16 rate (989 TFLOP/s).
+# * fused backward, per pass (dq or dk): the logits once per D chunk of the register gradient
+#   block plus the gradient matmul, 2 (c + 1) N M D, c = ceil(D / BD): 8 N M D at BD = 256, 14 at
+#   the default BD = 128. No N x M buffer. L2 -> SM operand loads (q and k tiles reloaded per
+#   tile and chunk, N M D elt (c (1/BM + 1/BN) + 1/BM)): 0.72 TB per pass at 64 x 64 tiles and
+#   BD = 256, 1.34 TB at BD = 128. 5 workspace chunks (launches) per pass.
+# * gemm backward (_triton_gemm), per pass: the logits once and a library GEMM, 4 N M D; H
+#   written and read back, 2 N M elt = 17.2 GB of HBM traffic if a 320-row group (40 MiB) does
+#   not stay in L2; L2 -> SM loads about 0.24 TB (H kernel at 128 x 64, GEMM at 128 x 256).
+#   205 groups per pass, each an H launch and a [320, 65536] @ [65536, 768] GEMM.
+# * per call: CLIP fused 18 N M D (92 ms; 30 = 154 ms at BD = 128), gemm 10 N M D (51 ms + up
+#   to 7 ms of H traffic at 4.8 TB/s); SigLIP fused 16 N M D (82 ms), gemm 8 N M D (41 ms + up
+#   to 7 ms). L2 -> SM loads per call: CLIP 1.6 TB fused, 0.64 TB gemm (forward 0.15 TB).
+# Unmeasured: the tiles' matmul rate (65 % assumed), whether the L2 loads bound the passes,
+# whether H stays in L2, cuBLAS on tall-K [320, 65536] GEMMs, the exp (MUFU) share (26e9 exps
+# per fused CLIP pass at c = 3, ~7 ms at 3.9e12/s), which BD the autotuner picks.
 
 
 def workspace_bytes() -> int:
@@ -230,7 +249,12 @@ def _forward_dq_impl(spec: TileSpec, q, k, alpha, bias, aux: TileAux):
     """SigLIP's forward and dq pass in one sweep (``FWD_STATS``), g = 1:
     (stats [1, N] fp32, u [N, D] in q.dtype = dq(g = 1) / N, qdot [N] = <q_i, dq_i(g = 1)> fp32,
     gsum [N] = sum_j G_ij(g = 1) fp32). u is stored divided by N so that under the mean over rows
-    (g_i = 1 / N) dq = u exactly and no 16-bit range is exceeded."""
+    (g_i = 1 / N) dq = u exactly and no 16-bit range is exceeded. Under the gemm backward the
+    sweep is the row H pass and a GEMM (``_triton_gemm.forward_dq``)."""
+    from . import _triton_gemm
+
+    if _triton_gemm.applies(spec, q):
+        return _triton_gemm.forward_dq(spec, q, k, alpha, bias, aux)
     tb._check(q, k)
     n, m, d = q.shape[0], k.shape[0], q.shape[1]
     dev, f32 = q.device, torch.float32
@@ -352,12 +376,7 @@ def backward_final(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, 
 def forward_with_dq(spec: TileSpec, q, k, alpha, bias, aux: TileAux):
     """(stats, (u, qdot, gsum)) when the forward can run the dq pass too (``fuses_dq``), else
     None; ``finish_dq`` turns the saved triple into dq, dalpha, dbias once g is known."""
-    from . import _triton_gemm
-
-    # under the gemm backward the plain forward (2 N M D) and two GEMM passes cost less than
-    # this dq pass, which recomputes the logits once per D chunk
-    if (q.dtype == torch.float64 or q.shape[1] == 0 or not fuses_dq(spec)
-            or _triton_gemm.applies(spec, q)):
+    if q.dtype == torch.float64 or q.shape[1] == 0 or not fuses_dq(spec):
         return None
     if not _HAS_CUSTOM_OP:
         stats, *saved = _forward_dq_impl(spec, q, k, alpha, bias, aux)
