@@ -10,7 +10,7 @@ developer install (`pip install --no-build-isolation -e .`) and adds no build de
 MANIFEST.in puts CMakeLists.txt, csrc/, the tests and the license into the sdist, so
 sdist -> wheel builds the same thing as a checkout (tests/test_packaging.py).
 
-Environment (STYLE.md 8):
+Environment:
   TILECL_BUILD_CUDA=1    also compile the CUDA kernels into tilecl._C (needs nvcc); off by default
                          so that a plain `pip install` stays a fast CPU build
   TILECL_SKIP_CUDA=1     never compile CUDA (wins over TILECL_BUILD_CUDA)

@@ -2,7 +2,7 @@
 
 Modules: ``providers`` (losses, inputs, every tilecl backend and the baselines, flops),
 ``harness`` (the setup factory, timers, peak-memory probes, the batch-size sweep),
-``suites`` (the CPU / GPU / smoke grids and the issue-2 target), ``report`` (JSON, markdown,
+``suites`` (the CPU / GPU / smoke grids and the CPU headline target), ``report`` (JSON, markdown,
 plots). ``bench/test_bench_*.py`` are the pytest-benchmark entries
 (``pytest bench/ --benchmark-only``), never collected by ``pytest tests``.
 """

@@ -39,9 +39,9 @@ def main(argv=None):
     ap.add_argument("--loss", action="append", default=None,
                     help="only these losses (repeatable): clip, siglip, supcon, ntxent, matryoshka")
     ap.add_argument("--no-target", action="store_true",
-                    help="skip the target (cpu: CLIP at N = 8192; gpu: issue 3 at N = 65536)")
+                    help="skip the target (cpu: CLIP at N = 8192; gpu: CLIP / SigLIP at N = 65536)")
     ap.add_argument("--target-only", action="store_true",
-                    help="only the target (cpu: CLIP at N = 8192; gpu: issue 3 at N = 65536)")
+                    help="only the target (cpu: CLIP at N = 8192; gpu: CLIP / SigLIP at N = 65536)")
     ap.add_argument("--tiles", default=None,
                     help="cpu target: torch-backend tiles to try, e.g. 512x1024,2048x2048")
     ap.add_argument("--target-reps", type=int, default=None, help="cpu target: timed calls")

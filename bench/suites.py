@@ -1,7 +1,7 @@
 """The suites: which (loss, mode, dtype, D) series over which batch sizes, in priority order, under
 a wall-clock budget (points past the budget are recorded as skipped, never dropped silently).
 
-- ``cpu``: the issue-2 target (symmetric CLIP fp32 fwd+bwd, N = M = 8192, D = 256: tiled torch
+- ``cpu``: the CPU headline (symmetric CLIP fp32 fwd+bwd, N = M = 8192, D = 256: tiled torch
   backend at several tile sizes vs dense materialized logits), then a small grid; < 5 min on 2
   cores.
 - ``gpu``: D in {128, 512, 1024}, fp32 and bf16, N doubling from 1024 until OOM (or the per-call
@@ -36,7 +36,7 @@ class Suite:
     cfg: H.Config
     time_cap_s: float
     budget_s: float
-    target: dict = field(default_factory=dict)  # the issue-2 measurement (cpu only)
+    target: dict = field(default_factory=dict)  # the CPU headline measurement (cpu only)
 
 
 def _doubling(lo, hi):
@@ -71,7 +71,7 @@ def gpu_suite(budget_s=400.0):
     series += [Series("ntxent", fb, "bf16", 128), Series("supcon", fb, "fp32", 128),
                Series("supcon", fb, "bf16", 512), Series("siglip", "fwd", "bf16", 512),
                Series("siglip", "bwd", "bf16", 512), Series("matryoshka", fb, "bf16", 1024)]
-    # issue 3's targets first: CLIP <= 55 ms, SigLIP <= 40 ms, < 64 MiB beyond the gradients
+    # the GPU targets first: CLIP <= 55 ms, SigLIP <= 40 ms, < 64 MiB beyond the gradients
     target = {"kind": "gpu", "n": 65536, "d": 768, "dtype": "bf16", "losses": ("clip", "siglip"),
               "ms": {"clip": 55.0, "siglip": 40.0}, "mib": 64.0}
     return Suite("gpu", "cuda", series, _doubling(1024, 2**20),
@@ -89,10 +89,10 @@ def smoke_suite(device="cpu"):
 SUITES = {"cpu": cpu_suite, "gpu": gpu_suite, "smoke": smoke_suite}
 
 
-# ---- the issue-2 target: N = M = 8192, D = 256, fp32 CLIP fwd+bwd -------------------------------
+# ---- the CPU headline: N = M = 8192, D = 256, fp32 CLIP fwd+bwd -------------------------------
 
 def run_gpu_target(suite: Suite, log=print):
-    """Issue 3's targets on one GPU: every provider of CLIP and SigLIP (the triton backend's
+    """The GPU targets on one GPU: every provider of CLIP and SigLIP (the triton backend's
     variants included) at N = M = 65536, D = 768, bf16, forward + backward, with the measured
     bf16 matmul rate as the roofline."""
     t = suite.target
@@ -113,7 +113,7 @@ def run_gpu_target(suite: Suite, log=print):
 
 def gpu_target_markdown(recs):
     t0 = recs[0]
-    lines = [f"## Issue-3 targets: N = M = {t0['n']}, D = {t0['d']}, {t0['dtype']}, forward + "
+    lines = [f"## GPU targets: N = M = {t0['n']}, D = {t0['d']}, {t0['dtype']}, forward + "
              f"backward (8 N M D flops; {t0['dtype']} matmul measured at "
              f"{t0['matmul_tflops']:.0f} TFLOP/s)", "",
              "| loss | provider | time (ms) | target (ms) | TFLOP/s | of matmul rate | "
@@ -167,7 +167,7 @@ def target_markdown(recs):
     if recs and "matmul_tflops" in recs[0]:
         return gpu_target_markdown(recs)
     dense = next((r for r in recs if r["provider"] == "dense" and r["status"] == "ok"), None)
-    lines = ["## Issue-2 target: symmetric CLIP, fp32, forward + backward, N = M = 8192, D = 256",
+    lines = ["## CPU headline: symmetric CLIP, fp32, forward + backward, N = M = 8192, D = 256",
              "", "| provider | torch tile (rows x cols) | time (ms) | extra peak (MiB) | "
              "time vs dense | memory vs dense |", "|---|---|---:|---:|---:|---:|"]
     for r in recs:

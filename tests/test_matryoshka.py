@@ -1,4 +1,4 @@
-"""Fused Matryoshka InfoNCE (issue 7, item 6): loss and gradients are covered by the parity
+"""Fused Matryoshka InfoNCE: loss and gradients are covered by the parity
 cases ("matryoshka", "matryoshka_clip" in cases.py); here: the fusion itself (one sweep of the
 matmul work of the largest prefix, counted exactly), the memory bound, and argument checks."""
 

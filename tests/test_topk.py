@@ -1,4 +1,4 @@
-"""Streaming top-k hardest negatives (issue 7, item 7): ``info_nce(..., topk_negatives=k)``
+"""Streaming top-k hardest negatives: ``info_nce(..., topk_negatives=k)``
 returns each row's k most similar keys that are still negatives, from the loss's own forward
 pass, and must agree with the dense reference (top-k of the masked similarity matrix)."""
 

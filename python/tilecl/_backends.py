@@ -1,4 +1,4 @@
-"""Backend registry and ``backend="auto"`` selection (DESIGN.md, Backends).
+"""Backend registry and ``backend="auto"`` selection (docs/architecture.md, Backends).
 
 A tile backend is a module with ``forward(spec, q, k, alpha, bias, aux)`` and
 ``backward(spec, q, k, alpha, bias, aux, stats, col, g_stats, g_col, needs)`` (see
@@ -28,7 +28,7 @@ _MODULES = {
 }
 
 # Backends whose GPU path has a recorded passing GPU test run (bench/results/). "auto" never
-# picks a GPU path that is not listed here (DESIGN.md: "unverified on GPU").
+# picks a GPU path that is not listed here (a kernel path is unverified on GPU until then).
 VERIFIED_ON_GPU: frozenset = frozenset()
 
 _cache: dict = {}

@@ -336,7 +336,7 @@ def scalar_grads(spec: TileSpec, da, gsum, alpha, bias):
 
 
 # ---------------------------------------------------------------------------------------------
-# torch.library custom ops (STYLE.md 7): the kernels as opaque ops with fake implementations, so
+# torch.library custom ops: the kernels as opaque ops with fake implementations, so
 # torch.compile traces through them without graph breaks. The spec travels as a JSON string,
 # the aux tensors as optional arguments; a missing column LSE is an empty [0] tensor.
 

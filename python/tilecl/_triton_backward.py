@@ -3,7 +3,7 @@
 The plain contract (``_triton_backend.backward``) returns fp32 dq [N, D] and dk [M, D], which
 ``_autograd`` finishes (positive pair, rounding). For bf16 / fp16 inputs at N = M = 65536,
 D = 768 those two fp32 buffers are 384 MiB beyond the inputs and their gradients, and the
-finishing step's temporaries as much again (issue 3 allows 64 MiB in all). ``backward_final``
+finishing step's temporaries as much again (the target is 64 MiB in all). ``backward_final``
 runs the same two kernels over row chunks (dq pass) and column chunks (dk pass) into an fp32
 workspace of at most ``workspace_bytes()`` and finishes each chunk in fp32, in slices of at most
 2 MiB per temporary:
