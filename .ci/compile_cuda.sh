@@ -178,10 +178,15 @@ fi
 # the NVRTC PTX through ptxas, as the driver assembles it at load time: registers must fit there too
 PTXAS="$CUDA_ROOT/bin/ptxas"
 if [ -x "$PTXAS" ]; then
-  for arch in $ARCHS; do
+  for arch in $ARCHS; do  # one background job per architecture
     [ -f "$WORK/rtc_${arch}.ptx" ] || continue
-    if "$PTXAS" -arch="sm_${arch}" -v "$WORK/rtc_${arch}.ptx" -o "$WORK/rtc_${arch}.cubin" \
-         >"$WORK/ptxas_rtc_${arch}.log" 2>&1; then
+    ( "$PTXAS" -arch="sm_${arch}" -v "$WORK/rtc_${arch}.ptx" -o "$WORK/rtc_${arch}.cubin" \
+        >"$WORK/ptxas_rtc_${arch}.log" 2>&1; echo $? >"$WORK/ptxas_rtc_${arch}.rc" ) &
+  done
+  wait
+  for arch in $ARCHS; do
+    [ -f "$WORK/ptxas_rtc_${arch}.rc" ] || continue
+    if [ "$(cat "$WORK/ptxas_rtc_${arch}.rc")" = 0 ]; then
       n=$(grep -c "bytes spill stores" "$WORK/ptxas_rtc_${arch}.log"); k=$(spills "$WORK/ptxas_rtc_${arch}.log")
       echo "  sm_${arch}: ptxas of the NVRTC PTX: $n kernels, $k with spills"
       [ "$k" -eq 0 ] || status=1

@@ -251,7 +251,7 @@ __device__ void tile_body(const KParams& p) {
   }
   const bool has_col = sp.col_lse && p.col_in != nullptr && p.g_col != nullptr;
   // backward: this block's gradient block, rows own0 + ty + 8 r (r < 8) of the owned side and D
-  // columns dc0 + 64 (c / 4) + 16 (c % 4) + tx (c < 8): fp32 registers across the whole loop
+  // columns dc0 + 64 (c / 4) + 16 (c % 4) + tx (c < kAccC): fp32 registers across the whole loop
   const int ty = tid / 16, tx = tid % 16;
   const int64_t dc0 = static_cast<int64_t>(blockIdx.y) * kDC;
   float* const out = MODE == MODE_BWD_DQ ? p.dq : p.dk;
@@ -444,11 +444,12 @@ __device__ void tile_body(const KParams& p) {
   }
 }
 
-// Blocks per SM the register budget aims at (0: ptxas's own choice, no .minnctapersm): the
-// backward holds a 64-register gradient block next to the logits tile; ptxas's own choice (168
-// registers, 3 blocks) spills in the fp32 distance kernel, 2 blocks (up to 255) spill nowhere.
+// Blocks per SM the register budget aims at: the backward holds a 128-register gradient block
+// next to the logits tile, which fits without spills in 255 registers (2 blocks per SM), not in
+// ptxas's own choice of 168; the forward fits in 128 (4 blocks), where ptxas's own choice for
+// the NVRTC entries (72 or 96 registers) spills.
 template <int MODE>
-constexpr int kMinBlocks = MODE == MODE_BWD_DQ || MODE == MODE_BWD_DK ? 2 : 0;
+constexpr int kMinBlocks = MODE == MODE_BWD_DQ || MODE == MODE_BWD_DK ? 2 : 4;
 
 template <typename Tin, int MODE, bool DIST>
 __global__ void __launch_bounds__(kThreads, kMinBlocks<MODE>) tile_kernel(const KParams p) {

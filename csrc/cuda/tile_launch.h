@@ -22,12 +22,12 @@ constexpr int kThreads = 128;  // 4 warps
 constexpr int kBM = 64;        // rows of a tile = rows (columns) a block owns
 constexpr int kBN = 64;        // columns of a tile: one step of the loop over the other side
 constexpr int kBK = 32;        // depth of one staged chunk of q / k (the logits)
-constexpr int kDC = 128;       // backward: columns of D a block owns (its gradient block [64, kDC])
+constexpr int kDC = 256;       // backward: columns of D a block owns (its gradient block [64, kDC])
 constexpr int kSub = 64;       // backward: D columns of one staged operand sub-chunk (kDC / kSub steps)
 
 // ---- backward cost per pass (a pass = one launch: dq over row blocks, or dk over column blocks) ----
 // Each block owns 64 output rows x kDC columns of D and keeps that gradient block in registers
-// (fp32, 64 per thread) across its whole loop over the other side, then adds it to global memory
+// (fp32, 128 per thread) across its whole loop over the other side, then adds it to global memory
 // once. The logits tile needs all of D, so a block recomputes it: every D chunk beyond the first
 // costs one more logits GEMM (C = ceil(D / kDC) chunks). Per pass, with B = own / 64 blocks of
 // rows, T = other / 64 tiles, s = input bytes per element:
@@ -37,20 +37,21 @@ constexpr int kSub = 64;       // backward: D columns of one staged operand sub-
 //                 D chunk and restages its own rows each tile; blocks in flight share them in L2)
 //   H operand     B other D s bytes read (each block reads its kDC columns of the other side)
 //   gradient      own D 4 bytes read + own D 4 bytes written (added once; the caller zeroes)
-// N = M = 65536, D = 768 (B = T = 1024, C = 6):
-//   bf16: 39.6 TFLOP logits (tensor cores) + 6.6 TFLOP H (fp32); 1237 GB logits inputs +
+// N = M = 65536, D = 768 (B = T = 1024, C = 3):
+//   bf16: 19.8 TFLOP logits (tensor cores) + 6.6 TFLOP H (fp32); 618 GB logits inputs +
 //         103 GB operand read, mostly from L2; 0.4 GB gradient read + written, private
-//   fp32: the same flops on SIMT; 2474 GB + 206 GB read, 0.4 GB gradient
+//   fp32: the same flops on SIMT; 1237 GB + 206 GB read, 0.4 GB gradient
 // The previous layout (grid over row blocks only, H K added to the [64, D] fp32 gradient slab in
 // global memory after every column tile) read and wrote 2 T own D 4 = 412 GB of private traffic
 // per pass, none of which the blocks can share through L2, and ran the H GEMM with one shared
-// memory load per FMA. Why this layout and kDC = 128 (64 accumulator registers per thread, up to
-// 255 in all, 2 blocks of 4 warps per SM): the whole [64, D] block on chip needs 196 KB of shared memory at
-// D = 768 (one block of 4 warps per SM on H100, none on A100); kDC = 256 would need 128
-// accumulator registers (spills with the logits tile); an H tile written to global memory for a
-// library GEMM (the triton "gemm" backward) needs cuBLAS, which tilecl._C does not link.
-// The price: the logits GEMM 6 times at D = 768 (6 x 2 N M D against 2 N M D for the H GEMM) and
-// 6 times its input reads (1237 GB against 206 GB in bf16). Those reads are shared: the grid runs
+// memory load per FMA. Why this layout and kDC = 256 (128 accumulator registers per thread, 238
+// to 252 in all with nvcc 13 and no spill, 2 blocks of 4 warps per SM): the whole [64, D] block
+// on chip needs 196 KB of shared memory at D = 768 (one block of 4 warps per SM on H100, none on
+// A100); kDC = 128 runs at the same 2 blocks per SM (at 3 the fp32 distance kernel spills) with
+// twice the recompute; an H tile written to global memory for a library GEMM (the triton "gemm"
+// backward) needs cuBLAS, which tilecl._C does not link.
+// The price: the logits GEMM 3 times at D = 768 (3 x 2 N M D against 2 N M D for the H GEMM) and
+// 3 times its input reads (618 GB against 206 GB in bf16). Those reads are shared: the grid runs
 // x (owned blocks) fastest, so the blocks in flight (2 per SM) hold one D chunk and walk the same
 // tiles of the other side together, and their own tiles (96 KB each at D = 768, bf16) fit in L2.
 // Unmeasured until a GPU run; an H tile with tensor cores for the H GEMM is the next step.

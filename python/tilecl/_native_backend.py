@@ -9,7 +9,7 @@
   (``TILECL_BUILD_CUDA=1``), else the same device code compiled at run time by NVRTC through
   CuPy (``cupy.RawModule``), when CuPy is installed. fp32 compute; fp16 / bf16 use tensor cores.
   Both launchers take their grid from ``launch_plan`` (csrc/cuda/tile_launch.h): the backward
-  blocks each own 64 gradient rows x 128 columns of D, held in registers across the whole loop.
+  blocks each own 64 gradient rows x 256 columns of D, held in registers across the whole loop.
   ``TILECL_CUDA_SYNC_CHECK=1`` synchronizes after every launch and raises an error naming the
   kernel that faulted (the GPU tests set it); otherwise a fault surfaces at a later sync.
 
