@@ -3,7 +3,7 @@
 #   1. every csrc/cuda/*.cu with nvcc for each architecture (default sm_80 and sm_90), -Xptxas -v,
 #      then a table of registers / spills / shared memory per kernel;
 #   2. the NVRTC path: the device source that tilecl._C.rtc_source() embeds (tile_math.h +
-#      tile_kernels.cuh) compiled by libnvrtc for the same architectures, with the NVRTC entry
+#      tile_launch.h + tile_kernels.cuh) compiled by libnvrtc for the same architectures, with the NVRTC entry
 #      points (tile_kernel_rtc<...>) instantiated by name, as CuPy's RawModule does it. When no
 #      libnvrtc is found, the same source is compiled by nvcc in NVRTC-like form instead (-ptx,
 #      concatenated source, only the rtc entries) and the report says so.
@@ -76,10 +76,14 @@ done | while IFS=$'\t' read -r arch name regs st ld smem; do
   printf '%-6s %-44s %5s %7s %7s %7s\n' "$arch" "$pretty" "$regs" "$st" "$ld" "$smem"
 done
 echo "(MODE 0 fwd rows, 1 fwd cols (column LSE), 2 bwd dq, 3 bwd dk; bool = distance logits)"
+# every kernel must fit its registers: a spill is an error
+spills() { grep -h "bytes spill stores" "$@" 2>/dev/null | grep -v ", 0 bytes spill stores, 0 bytes spill loads" | wc -l; }
+n_spill=$(spills "$WORK"/nvcc_sm_*.log)
+if [ "$n_spill" -ne 0 ]; then echo "compile_cuda: $n_spill kernel(s) SPILL registers (see the table)"; status=1; fi
 echo
 
 # ---- 2. NVRTC path -----------------------------------------------------------------------------
-cat "$ROOT/csrc/tile_math.h" "$ROOT/csrc/cuda/tile_kernels.cuh" >"$WORK/rtc_source.cu"
+cat "$ROOT/csrc/tile_math.h" "$ROOT/csrc/cuda/tile_launch.h" "$ROOT/csrc/cuda/tile_kernels.cuh" >"$WORK/rtc_source.cu"
 NVRTC_LIB="${TILECL_NVRTC_LIB:-}"
 if [ -z "$NVRTC_LIB" ]; then
   for cand in "$CUDA_ROOT"/lib64/libnvrtc.so* "$CUDA_ROOT"/targets/*/lib/libnvrtc.so*; do
@@ -137,6 +141,10 @@ for arch in archs.split():
     ptx = ctypes.c_size_t()
     if rc == 0:
         nv.nvrtcGetPTXSize(prog, ctypes.byref(ptx))
+        buf = ctypes.create_string_buffer(ptx.value)
+        nv.nvrtcGetPTX(prog, buf)
+        with open(os.path.join(os.path.dirname(src_path), f"rtc_{arch}.ptx"), "wb") as f:
+            f.write(buf.value)  # for ptxas below: what the driver JIT of CuPy assembles
         lowered = ctypes.c_char_p()
         nv.nvrtcGetLoweredName(prog, names[0].encode(), ctypes.byref(lowered))
         print(f"  compute_{arch}: OK, {len(names)} entry points, PTX {ptx.value} bytes, "
@@ -163,6 +171,27 @@ else
       echo "  compute_${arch}: OK (nvcc -ptx of the NVRTC source, $(grep -c '\.entry' "$WORK/rtc_${arch}.ptx") entries)"
     else
       echo "  compute_${arch}: FAILED"; head -40 "$WORK/rtc_${arch}.log"; status=1
+    fi
+  done
+fi
+
+# the NVRTC PTX through ptxas, as the driver assembles it at load time: registers must fit there too
+PTXAS="$CUDA_ROOT/bin/ptxas"
+if [ -x "$PTXAS" ]; then
+  for arch in $ARCHS; do  # one background job per architecture
+    [ -f "$WORK/rtc_${arch}.ptx" ] || continue
+    ( "$PTXAS" -arch="sm_${arch}" -v "$WORK/rtc_${arch}.ptx" -o "$WORK/rtc_${arch}.cubin" \
+        >"$WORK/ptxas_rtc_${arch}.log" 2>&1; echo $? >"$WORK/ptxas_rtc_${arch}.rc" ) &
+  done
+  wait
+  for arch in $ARCHS; do
+    [ -f "$WORK/ptxas_rtc_${arch}.rc" ] || continue
+    if [ "$(cat "$WORK/ptxas_rtc_${arch}.rc")" = 0 ]; then
+      n=$(grep -c "bytes spill stores" "$WORK/ptxas_rtc_${arch}.log"); k=$(spills "$WORK/ptxas_rtc_${arch}.log")
+      echo "  sm_${arch}: ptxas of the NVRTC PTX: $n kernels, $k with spills"
+      [ "$k" -eq 0 ] || status=1
+    else
+      echo "  sm_${arch}: ptxas of the NVRTC PTX FAILED"; head -20 "$WORK/ptxas_rtc_${arch}.log"; status=1
     fi
   done
 fi

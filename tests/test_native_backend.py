@@ -503,12 +503,187 @@ def test_native_is_selectable_on_cpu():
     assert _backends.resolve("native", torch.device("cpu")) == "native"
 
 
+# ---- CUDA launch plan and checked mode (on the CPU: the plan both CUDA launchers run) -------------
+
+def test_cuda_launch_plan_backward_traffic():
+    """CLIP-size backward, N = M = 65536, D = 768: each block keeps its [64, 256] gradient block on
+    chip, so the gradient is read and written once (the former layout read and wrote its [64, D]
+    fp32 slab for every column tile, 412 GB a pass), and all traffic stays within 3x of every
+    block streaming the other side once per D chunk."""
+    n = m = 65536
+    d = 768
+    for dtype, size in ((torch.bfloat16, 2), (torch.float32, 4)):
+        for mode in ("bwd_dq", "bwd_dk"):
+            for dist in (False, True):
+                pl = native.launch_plan(mode, n, m, d, dtype, dist)
+                assert pl["grid"] == (1024, 3) and pl["threads"] == 128 and pl["d_chunk"] == 256
+                assert pl["tiles"] == 1024
+                grad = n * d * 4
+                assert pl["grad_read"] == grad and pl["grad_written"] == grad
+                assert pl["private_bytes"] <= 3 * grad
+                old_slab = 2 * pl["tiles"] * n * d * 4
+                assert old_slab > 411e9 and pl["private_bytes"] * 500 < old_slab
+                assert pl["min_bytes"] == 3 * 1024 * m * d * size + grad
+                assert pl["min_bytes"] <= pl["total_bytes"] <= 3 * pl["min_bytes"]
+                assert pl["logits_read"] == 3 * (1024 * n + 1024 * m) * d * size
+                assert pl["operand_read"] == 1024 * m * d * size
+                assert pl["flops_logits"] == 3 * 2 * n * m * d and pl["flops_h"] == 2 * n * m * d
+    # the figures tile_launch.h states for bf16 / fp32
+    bf, f32 = (native.launch_plan("bwd_dq", n, m, d, t, False) for t in (torch.bfloat16, torch.float32))
+    assert round(bf["flops_logits"] / 1e12, 1) == 19.8 and round(bf["flops_h"] / 1e12, 1) == 6.6
+    assert round(bf["logits_read"] / 1e9) == 618 and round(bf["operand_read"] / 1e9) == 103
+    assert round(f32["logits_read"] / 1e9) == 1237 and round(f32["operand_read"] / 1e9) == 206
+    assert round((bf["grad_read"] + bf["grad_written"]) / 1e9, 1) == 0.4
+
+
+def test_cuda_launch_plan_edges():
+    """Shapes that do not divide the tiles, a last D chunk that is partly empty, the forward, the
+    dq pass that only feeds the row sums (no D chunks), empty problems and bad arguments."""
+    pl = native.launch_plan("bwd_dq", 130, 67, 300, torch.float16, True)
+    assert pl["grid"] == (3, 2) and pl["tiles"] == 2 and pl["own_read"] == 130 * 300 * 2
+    assert native.launch_plan("bwd_dk", 130, 67, 600, torch.float16, True)["grid"] == (2, 3)
+    assert native.launch_plan("bwd_dq", 130, 67, 300, torch.float16, False)["own_read"] == 0
+    assert native.launch_plan("bwd_dq", 130, 67, 256, torch.float32, False)["grid"] == (3, 1)
+    assert native.launch_plan("bwd_dq", 130, 67, 257, torch.float32, False)["grid"] == (3, 2)
+    rows_only = native.launch_plan("bwd_dq", 130, 67, 300, torch.float32, False, grad_out=False)
+    assert rows_only["grid"] == (3, 1) and rows_only["grad_written"] == 0
+    assert rows_only["operand_read"] == 0 and rows_only["flops_h"] == 0
+    for mode, blocks in (("fwd_rows", 3), ("fwd_cols", 2)):
+        fwd = native.launch_plan(mode, 130, 67, 300, torch.bfloat16, False)
+        assert fwd["grid"] == (blocks, 1) and fwd["d_chunk"] == 300 and fwd["grad_written"] == 0
+    assert native.launch_plan("bwd_dq", 0, 67, 300, torch.float32, False)["grid"] == (0, 0)
+    with pytest.raises(ValueError, match="mode"):
+        native.launch_plan("bwd", 1, 1, 1, torch.float32, False)
+    with pytest.raises(TypeError, match="dtype"):
+        native.launch_plan("bwd_dq", 1, 1, 1, torch.float64, False)
+
+
+@pytest.mark.parametrize("value,on", [(None, False), ("", False), ("0", False), ("off", False),
+                                      ("false", False), ("1", True), ("true", True), ("yes", True),
+                                      ("ON", True)])
+def test_cuda_sync_check_flag(monkeypatch, value, on):
+    if value is None:
+        monkeypatch.delenv("TILECL_CUDA_SYNC_CHECK", raising=False)
+    else:
+        monkeypatch.setenv("TILECL_CUDA_SYNC_CHECK", value)
+    assert native._C.sync_check() is on
+
+
+@pytest.mark.parametrize("value", ["2", "maybe", " 1"])
+def test_cuda_sync_check_flag_malformed(monkeypatch, value):
+    monkeypatch.setenv("TILECL_CUDA_SYNC_CHECK", value)
+    with pytest.raises(ValueError, match="TILECL_CUDA_SYNC_CHECK must be 1/true/yes/on"):
+        native._C.sync_check()
+
+
+def test_rtc_source_holds_the_launch_header():
+    """NVRTC compiles one string: the tile sizes (cuda/tile_launch.h) come after tile_math.h and
+    before the kernels that use them."""
+    src = native._C.rtc_source()
+    assert src.index("struct Spec {") < src.index("constexpr int kDC") < src.index("void tile_body(")
+
+
+class _FakeRtc:
+    """CuPy's RawModule stand-in: records each launch (kernel, grid, block) instead of running it."""
+
+    def __init__(self):
+        self.calls = []
+
+    def get_function(self, name):
+        return lambda grid, block, args: self.calls.append((name, tuple(grid), tuple(block)))
+
+
+@pytest.fixture
+def fake_rtc(monkeypatch):
+    import contextlib
+    import sys
+    import types
+
+    cuda = types.SimpleNamespace(Device=lambda index: contextlib.nullcontext(),
+                                 ExternalStream=lambda stream: contextlib.nullcontext())
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(cuda=cuda))
+    fake = _FakeRtc()
+    monkeypatch.setitem(native._rtc_cache, "module", fake)
+    monkeypatch.setitem(native._rtc_cache, "KParams", native._kparams_type())
+    return fake
+
+
+def _rtc_problem(case, dtype):
+    gen = torch.Generator().manual_seed(3)
+    spec, q, k, alpha, bias, aux = make_case(case, 130, 300, dtype, gen)
+    return native._Prepared(spec, q, k, alpha, bias, aux)
+
+
+_RTC_IO = {"stats_in": 16, "col_in": 0, "g_stats": 32, "g_col": 0, "dq": 64, "dk": 128, "gx": 0,
+           "gsum": 0}
+
+
+@pytest.mark.parametrize("case,dtype,tname", [("siglip", torch.bfloat16, "__nv_bfloat16"),
+                                              ("dist_gamma1", torch.float32, "float")])
+def test_rtc_launcher_runs_the_plan(monkeypatch, fake_rtc, case, dtype, tname):
+    """The NVRTC launcher launches each kernel with the plan's grid (no GPU: launches recorded)."""
+    monkeypatch.delenv("TILECL_CUDA_SYNC_CHECK", raising=False)
+    p = _rtc_problem(case, dtype)
+    dist = "true" if case.startswith("dist") else "false"
+    native._rtc_launch(p, ("fwd_rows", "bwd_dq", "bwd_dk"), dict(_RTC_IO), torch.device("cpu"), 0)
+    want = []
+    for mode, code in (("fwd_rows", 0), ("bwd_dq", 2), ("bwd_dk", 3)):
+        pl = native.launch_plan(mode, p.n, p.m, p.d, dtype, dist == "true")
+        want.append((f"tilecl::tile_kernel_rtc<{tname},{code},{dist}>", pl["grid"], (pl["threads"],)))
+    assert fake_rtc.calls == want
+    assert [c[1] for c in fake_rtc.calls] == [(3, 1), (3, 2), (3, 2)]
+    fake_rtc.calls.clear()  # dq only feeding the row sums: one chunk
+    native._rtc_launch(p, ("bwd_dq",), dict(_RTC_IO, dq=0, gx=8), torch.device("cpu"), 0)
+    assert [c[1] for c in fake_rtc.calls] == [(3, 1)]
+
+
+def test_rtc_launcher_sync_check_names_the_kernel(monkeypatch, fake_rtc):
+    """TILECL_CUDA_SYNC_CHECK=1: a sync after each launch; a fault raises naming the kernel."""
+    p = _rtc_problem("clip_symmetric", torch.bfloat16)
+    synced = []
+
+    def sync_ok(device):
+        synced.append(len(fake_rtc.calls))
+
+    monkeypatch.setattr(torch.cuda, "synchronize", sync_ok)
+    monkeypatch.setenv("TILECL_CUDA_SYNC_CHECK", "0")
+    native._rtc_launch(p, ("bwd_dq", "bwd_dk"), dict(_RTC_IO), torch.device("cpu"), 0)
+    assert synced == [] and len(fake_rtc.calls) == 2
+    fake_rtc.calls.clear()
+    monkeypatch.setenv("TILECL_CUDA_SYNC_CHECK", "1")
+    native._rtc_launch(p, ("bwd_dq", "bwd_dk"), dict(_RTC_IO), torch.device("cpu"), 0)
+    assert synced == [1, 2]  # after each launch
+
+    def sync_fault(device):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(torch.cuda, "synchronize", sync_fault)
+    fake_rtc.calls.clear()
+    with pytest.raises(RuntimeError, match=r"tile_kernel_rtc<__nv_bfloat16,2,false> \(grid 3 x 2\) "
+                                           r"failed \(TILECL_CUDA_SYNC_CHECK\): CUDA error: an illegal"):
+        native._rtc_launch(p, ("bwd_dq", "bwd_dk"), dict(_RTC_IO), torch.device("cpu"), 0)
+    assert len(fake_rtc.calls) == 1  # stopped at the faulting kernel
+    monkeypatch.setenv("TILECL_CUDA_SYNC_CHECK", "maybe")
+    fake_rtc.calls.clear()
+    with pytest.raises(ValueError, match="TILECL_CUDA_SYNC_CHECK"):
+        native._rtc_launch(p, ("bwd_dq",), dict(_RTC_IO), torch.device("cpu"), 0)
+    assert fake_rtc.calls == []
+
+
 # ---- GPU (CUDA kernels, or the NVRTC fallback); skipped without CUDA ------------------------------
 
 def _gpu_reason():
     if not torch.cuda.is_available():
         return "no CUDA device"
     return native.unavailable("cuda")
+
+
+@pytest.fixture(autouse=True)
+def _cuda_sync_check(request, monkeypatch):
+    """GPU tests run the CUDA kernels in the checked synchronizing mode (TILECL_CUDA_SYNC_CHECK):
+    an execution fault fails the test that caused it, naming the kernel."""
+    if request.node.get_closest_marker("gpu") is not None:
+        monkeypatch.setenv("TILECL_CUDA_SYNC_CHECK", "1")
 
 
 def _on(dev, spec_case):
@@ -537,11 +712,7 @@ def no_tf32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
-                         ids=["fp32", "bf16", "fp16"])
-@pytest.mark.parametrize("case", CASES)
-def test_native_cuda_matches_torch(case, dtype, no_tf32):
+def _cuda_check(case, dtype, n, d):
     """The native backend on CUDA tensors (its CUDA kernels) against the float64 truth on the
     same rounded inputs, at the README's tolerances: fp32 to 1e-5 relative (TF32 off), except
     where the torch backend itself is further off in fp32 (dL/dalpha sums N x M cancelling
@@ -550,8 +721,9 @@ def test_native_cuda_matches_torch(case, dtype, no_tf32):
     why = _gpu_reason()
     if why is not None:
         pytest.skip(why)
+    assert native._C.sync_check(), "GPU tests run with TILECL_CUDA_SYNC_CHECK=1"
     cuda = torch.device("cuda")
-    made = make_case(case, 130, 100, dtype, torch.Generator().manual_seed(11))
+    made = make_case(case, n, d, dtype, torch.Generator().manual_seed(11))
     spec = made[0]
     got = run("native", spec, *_on(cuda, made), 11)
     assert all(t is None or t.device.type == "cuda" for t in got), "native did not run on CUDA"
@@ -573,8 +745,24 @@ def test_native_cuda_matches_torch(case, dtype, no_tf32):
         else:
             bound = max(1e-5, 2 * own, 2 * _max_rel(t.to(dtype), t))
         err = _max_rel(g, t)
-        assert err <= bound, (f"cuda {case} {dtype} {name}: rel. error {err:.2e} > {bound:.1e} "
-                              f"(torch backend's own: {own:.2e})")
+        assert err <= bound, (f"cuda {case} {dtype} D{d} {name}: rel. error {err:.2e} > "
+                              f"{bound:.1e} (torch backend's own: {own:.2e})")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
+                         ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("case", CASES)
+def test_native_cuda_matches_torch(case, dtype, no_tf32):
+    _cuda_check(case, dtype, 130, 100)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", ["clip_symmetric", "dist_gamma1", "siglip", "col_offset"])
+def test_native_cuda_d_chunks(case, dtype, no_tf32):
+    """D = 600: three D chunks per gradient block, the last one partly empty."""
+    _cuda_check(case, dtype, 130, 600)
 
 
 @pytest.mark.gpu

@@ -1,6 +1,9 @@
 // tile_cuda.cu: host launchers of the CUDA tile template (tile_kernels.cuh). Launch on the
-// caller's stream, check every launch; the kernels write (forward) or accumulate (backward)
-// into buffers the caller allocated. fp32 compute for fp32 / fp16 / bf16 inputs.
+// caller's stream with the grid of plan_launch (tile_launch.h, the plan tilecl._C.launch_plan
+// reports), check every launch; the kernels write (forward) or accumulate (backward) into
+// buffers the caller allocated. fp32 compute for fp32 / fp16 / bf16 inputs.
+// TILECL_CUDA_SYNC_CHECK=1: synchronize the device after every launch and raise an error naming
+// the kernel that faulted (otherwise an execution fault surfaces at a later, unrelated sync).
 #include <cuda_runtime.h>
 
 #include <stdexcept>
@@ -12,9 +15,23 @@
 namespace tilecl {
 namespace {
 
-void check(cudaError_t err, const char* what) {
+void check(cudaError_t err, const std::string& what) {
   if (err != cudaSuccess)
-    throw std::runtime_error(std::string("tilecl CUDA ") + what + ": " + cudaGetErrorString(err));
+    throw std::runtime_error("tilecl CUDA " + what + ": " + cudaGetErrorString(err));
+}
+
+template <typename Tin>
+const char* type_name();
+template <>
+const char* type_name<float>() { return "float32"; }
+template <>
+const char* type_name<__half>() { return "float16"; }
+template <>
+const char* type_name<__nv_bfloat16>() { return "bfloat16"; }
+
+const char* mode_name(int mode) {
+  static const char* names[] = {"fwd_rows", "fwd_cols", "bwd_dq", "bwd_dk"};
+  return names[mode];
 }
 
 KParams make_params(const Problem& p) {
@@ -46,33 +63,42 @@ KParams make_params(const Problem& p) {
 }
 
 template <typename Tin, int MODE, bool DIST>
-void launch(const KParams& kp, int64_t blocks, cudaStream_t stream) {
-  if (blocks <= 0) return;
-  if (blocks > 0x7fffffffLL) throw std::runtime_error("tilecl CUDA: too many blocks");
-  tile_kernel<Tin, MODE, DIST><<<dim3(static_cast<unsigned>(blocks)), dim3(kThreads), 0, stream>>>(kp);
-  check(cudaGetLastError(), "kernel launch");
+void launch(const Problem& p, const KParams& kp, bool grad_out, cudaStream_t stream) {
+  const LaunchPlan pl = plan_launch(MODE, p.n, p.m, p.d, sizeof(Tin), DIST, grad_out);
+  if (pl.grid_x <= 0 || pl.grid_y <= 0) return;
+  if (pl.grid_x > 0x7fffffffLL || pl.grid_y > 0xffffLL)
+    throw std::runtime_error("tilecl CUDA: too many blocks");
+  const std::string name = std::string("kernel tile_kernel<") + type_name<Tin>() + ", " +
+                           mode_name(MODE) + (DIST ? ", dist>" : ", dot>") + " (grid " +
+                           std::to_string(pl.grid_x) + " x " + std::to_string(pl.grid_y) + ")";
+  const bool sync = sync_check_enabled();  // read first: a malformed value launches nothing
+  tile_kernel<Tin, MODE, DIST><<<dim3(static_cast<unsigned>(pl.grid_x), static_cast<unsigned>(pl.grid_y)),
+                                 dim3(pl.threads), 0, stream>>>(kp);
+  check(cudaGetLastError(), name + " launch");
+  if (sync) {
+    check(cudaDeviceSynchronize(), name + " failed (TILECL_CUDA_SYNC_CHECK)");
+    check(cudaGetLastError(), name + " failed (TILECL_CUDA_SYNC_CHECK)");
+  }
 }
 
 // dtype code and logit kind -> template parameters (the BOOL_SWITCH of the CUDA side)
 template <int MODE>
-void run_mode(const Problem& p, const KParams& kp, int64_t blocks, cudaStream_t stream) {
+void run_mode(const Problem& p, const KParams& kp, bool grad_out, cudaStream_t stream) {
   const bool dist = p.spec.logit == LOGIT_DIST;
   switch (p.dtype) {
     case DT_F32:
-      return dist ? launch<float, MODE, true>(kp, blocks, stream)
-                  : launch<float, MODE, false>(kp, blocks, stream);
+      return dist ? launch<float, MODE, true>(p, kp, grad_out, stream)
+                  : launch<float, MODE, false>(p, kp, grad_out, stream);
     case DT_F16:
-      return dist ? launch<__half, MODE, true>(kp, blocks, stream)
-                  : launch<__half, MODE, false>(kp, blocks, stream);
+      return dist ? launch<__half, MODE, true>(p, kp, grad_out, stream)
+                  : launch<__half, MODE, false>(p, kp, grad_out, stream);
     case DT_BF16:
-      return dist ? launch<__nv_bfloat16, MODE, true>(kp, blocks, stream)
-                  : launch<__nv_bfloat16, MODE, false>(kp, blocks, stream);
+      return dist ? launch<__nv_bfloat16, MODE, true>(p, kp, grad_out, stream)
+                  : launch<__nv_bfloat16, MODE, false>(p, kp, grad_out, stream);
     default:
       throw std::invalid_argument("tilecl CUDA: float32, float16 and bfloat16 inputs only");
   }
 }
-
-int64_t blocks_of(int64_t size) { return (size + kBM - 1) / kBM; }
 
 }  // namespace
 
@@ -81,8 +107,8 @@ void cuda_forward(const Problem& p, const ForwardOut& out, void* stream) {
   KParams kp = make_params(p);
   kp.stats = static_cast<float*>(out.stats);
   kp.col = static_cast<float*>(out.col);
-  run_mode<MODE_FWD_ROWS>(p, kp, blocks_of(p.n), s);
-  if (p.spec.col_lse) run_mode<MODE_FWD_COLS>(p, kp, blocks_of(p.m), s);
+  run_mode<MODE_FWD_ROWS>(p, kp, false, s);
+  if (p.spec.col_lse) run_mode<MODE_FWD_COLS>(p, kp, false, s);
 }
 
 void cuda_backward(const Problem& p, const BackwardIO& io, void* stream) {
@@ -96,8 +122,8 @@ void cuda_backward(const Problem& p, const BackwardIO& io, void* stream) {
   kp.dk = static_cast<float*>(io.dk);
   kp.gx = static_cast<float*>(io.gx);
   kp.gsum = static_cast<float*>(io.gsum);
-  if (kp.dq || kp.gx || kp.gsum) run_mode<MODE_BWD_DQ>(p, kp, blocks_of(p.n), s);
-  if (kp.dk) run_mode<MODE_BWD_DK>(p, kp, blocks_of(p.m), s);
+  if (kp.dq || kp.gx || kp.gsum) run_mode<MODE_BWD_DQ>(p, kp, kp.dq != nullptr, s);
+  if (kp.dk) run_mode<MODE_BWD_DK>(p, kp, true, s);
 }
 
 }  // namespace tilecl

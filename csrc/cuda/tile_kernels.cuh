@@ -4,11 +4,14 @@
 // One body, four modes (template parameter MODE), one flag set (Spec, tile_math.h):
 //   MODE_FWD_ROWS  grid over row blocks, loop over column blocks: per-row statistics
 //   MODE_FWD_COLS  grid over column blocks, loop over row blocks: column LSE (symmetric CLIP)
-//   MODE_BWD_DQ    grid over row blocks: G (math.md 1.2), dq += H K_J, row sums gx / gsum
-//   MODE_BWD_DK    grid over column blocks: G, dk += H^T Q_I
+//   MODE_BWD_DQ    grid over row blocks x D chunks: G (math.md 1.2), dq += H K_J, row sums gx / gsum
+//   MODE_BWD_DK    grid over column blocks x D chunks: G, dk += H^T Q_I
 // Every block owns its rows (or columns): no atomics, deterministic (math.md 1.3, option 2).
 // The logits tile S = Q_I K_J^T [64 x 64] is the shared piece: tensor cores (WMMA 16x16x16,
 // fp32 accumulation) for fp16 / bf16 inputs, an fp32 register-blocked SIMT loop for fp32 inputs.
+// The backward blocks also own a chunk of kDC columns of D: they keep their [64, kDC] gradient
+// block in fp32 registers across the whole loop and add it to global memory once, recomputing
+// the logits (all of D) once per chunk; tile_launch.h counts the flops and bytes of that choice.
 // The second GEMMs (H K, H^T Q) run in fp32 (G holds the -Y terms: no 16-bit rounding of G).
 // Template parameters: Tin (float / __half / __nv_bfloat16), MODE, DIST (distance logits);
 // positive / weight modes and the sums are warp-uniform runtime flags of Spec.
@@ -16,6 +19,7 @@
 
 #ifndef TILECL_RTC_CONCAT
 #include "../tile_math.h"
+#include "tile_launch.h"
 #endif
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -23,14 +27,9 @@
 
 namespace tilecl {
 
-enum Mode { MODE_FWD_ROWS = 0, MODE_FWD_COLS = 1, MODE_BWD_DQ = 2, MODE_BWD_DK = 3 };
-
-constexpr int kThreads = 128;  // 4 warps
-constexpr int kBM = 64;        // rows of a tile
-constexpr int kBN = 64;        // columns of a tile
-constexpr int kBK = 32;        // depth of one staged chunk of q / k
+// Mode, kThreads, kBM, kBN, kBK, kDC, kSub: tile_launch.h
 constexpr int kLDX = kBN + 4;  // leading dim of the fp32 tile (multiple of 4 for WMMA stores)
-constexpr int kLDO = 33;       // leading dim of the fp32 operand chunk of the second GEMMs
+constexpr int kLDO = kSub;     // leading dim of the fp32 operand sub-chunk of the second GEMMs
 
 // Kernel arguments (by value for nvcc launches, through a device pointer for NVRTC ones).
 struct KParams {
@@ -77,8 +76,8 @@ template <typename Tin>
 struct Staging {
   static constexpr int kLDS = sizeof(Tin) == 4 ? kBK + 1 : kBK + 8;  // WMMA: ldm % 8 == 0
   static constexpr int kIn = 2 * kBM * kLDS * (int)sizeof(Tin);
-  static constexpr int kOp = kBM * kLDO * 4;
-  static constexpr int kBytes = kIn > kOp ? kIn : kOp;
+  static constexpr int kOp = kBN * kLDO * 4;                 // backward: fp32 operand sub-chunk
+  static constexpr int kBwd = kIn > kOp ? kIn : kOp;          // the two never live together
 };
 
 // rows [r0, r0 + 64) x depth [k0, k0 + kBK) of a strided [nrows, d] input -> s[64][kLDS], zero padded
@@ -92,12 +91,12 @@ __device__ __forceinline__ void stage_chunk(const Tin* x, int64_t s0, int64_t s1
   }
 }
 
-// fp32 version of a chunk (operand of the second GEMMs): rows [r0, r0+64), depth [k0, k0+32)
+// fp32 operand sub-chunk of the second GEMMs: rows [r0, r0 + 64), depth [k0, k0 + kSub)
 template <typename Tin>
-__device__ __forceinline__ void stage_chunk_f32(const Tin* x, int64_t s0, int64_t s1, int64_t r0,
-                                                int64_t nrows, int64_t k0, int64_t d, float* s) {
-  for (int idx = threadIdx.x; idx < kBM * 32; idx += kThreads) {
-    const int r = idx / 32, kk = idx % 32;
+__device__ __forceinline__ void stage_op_f32(const Tin* x, int64_t s0, int64_t s1, int64_t r0,
+                                             int64_t nrows, int64_t k0, int64_t d, float* s) {
+  for (int idx = threadIdx.x; idx < kBN * kSub; idx += kThreads) {
+    const int r = idx / kSub, kk = idx % kSub;
     const int64_t gr = r0 + r, gk = k0 + kk;
     s[r * kLDO + kk] = (gr < nrows && gk < d) ? to_f(x[gr * s0 + gk * s1]) : 0.f;
   }
@@ -221,11 +220,13 @@ __device__ __forceinline__ float pair_sum(float v) { return v + __shfl_xor_sync(
 template <typename Tin, int MODE, bool DIST>
 __device__ void tile_body(const KParams& p) {
   constexpr bool kOwnRows = MODE == MODE_FWD_ROWS || MODE == MODE_BWD_DQ;
+  constexpr bool kBwd = MODE == MODE_BWD_DQ || MODE == MODE_BWD_DK;
   __shared__ __align__(32) float s_x[kBM * kLDX];
-  __shared__ __align__(32) unsigned char s_raw[Staging<Tin>::kBytes];
+  __shared__ __align__(32) unsigned char s_raw[kBwd ? Staging<Tin>::kBwd : Staging<Tin>::kIn];
   __shared__ float s_nq[kBM], s_nk[kBN], s_al[kBM], s_th[kBM];
   __shared__ int s_pc[kBM];
   __shared__ float s_rl[2][kBM], s_rg[2][kBM], s_rlin[kBM], s_rsig[kBM];  // MODE_BWD_DK row grads
+  __shared__ float s_sumh[kBM];  // backward, distance logits: sum of H over the owned row
   float* s_op = reinterpret_cast<float*>(s_raw);
 
   const Spec& sp = p.spec;
@@ -249,6 +250,19 @@ __device__ void tile_body(const KParams& p) {
     my_g_c = p.g_col[me];
   }
   const bool has_col = sp.col_lse && p.col_in != nullptr && p.g_col != nullptr;
+  // backward: this block's gradient block, rows own0 + ty + 8 r (r < 8) of the owned side and D
+  // columns dc0 + 64 (c / 4) + 16 (c % 4) + tx (c < kAccC): fp32 registers across the whole loop
+  const int ty = tid / 16, tx = tid % 16;
+  const int64_t dc0 = static_cast<int64_t>(blockIdx.y) * kDC;
+  float* const out = MODE == MODE_BWD_DQ ? p.dq : p.dk;
+  constexpr int kAccC = kDC / kSub * 4;  // columns of the gradient block per thread
+  float acc[8][kAccC];
+  static_assert(kDC % kSub == 0 && kSub == 64 && kThreads == 128 && kBM == 64 && kBN == 64,
+                "the gradient block mapping assumes 128 threads, 64 x 64 tiles, 64-wide sub-chunks");
+#pragma unroll
+  for (int r = 0; r < 8; ++r)
+#pragma unroll
+    for (int c = 0; c < kAccC; ++c) acc[r][c] = 0.f;
 
   for (int64_t o0 = 0; o0 < n_other; o0 += kBN) {
     const int64_t i0 = kOwnRows ? own0 : o0, j0 = kOwnRows ? o0 : own0;
@@ -351,25 +365,30 @@ __device__ void tile_body(const KParams& p) {
         }
         s_x[r * kLDX + c] = H;
       }
-      float* out = MODE == MODE_BWD_DQ ? p.dq : p.dk;
-      if (out != nullptr) {
-        const void* src = MODE == MODE_BWD_DQ ? p.k : p.q;  // dq += H K_J ; dk += H^T Q_I
+      if (out != nullptr) {  // acc += H K_J (dq) or H^T Q_I (dk) over this block's D chunk
+        const Tin* src = static_cast<const Tin*>(MODE == MODE_BWD_DQ ? p.k : p.q);
         const int64_t s0 = MODE == MODE_BWD_DQ ? p.sk0 : p.sq0, s1 = MODE == MODE_BWD_DQ ? p.sk1 : p.sq1;
         const int64_t src0 = MODE == MODE_BWD_DQ ? j0 : i0, nsrc = MODE == MODE_BWD_DQ ? p.m : p.n;
-        const int e0 = half * 16;
-        for (int64_t d0 = 0; d0 < p.d; d0 += 32) {
-          __syncthreads();  // H written / previous chunk consumed
-          stage_chunk_f32<Tin>(static_cast<const Tin*>(src), s0, s1, src0, nsrc, d0, p.d, s_op);
+#pragma unroll
+        for (int sc = 0; sc < kDC / kSub; ++sc) {
+          const int64_t d0 = dc0 + sc * kSub;
+          if (d0 >= p.d) break;  // block-uniform
+          __syncthreads();  // H written / previous sub-chunk consumed
+          stage_op_f32<Tin>(src, s0, s1, src0, nsrc, d0, p.d, s_op);
           __syncthreads();
-          float acc[16];
-          for (int e = 0; e < 16; ++e) acc[e] = 0.f;
-          for (int t = 0; t < 64; ++t) {  // [1, 64] @ [64, 16] per thread
-            const float h = MODE == MODE_BWD_DQ ? s_x[L * kLDX + t] : s_x[t * kLDX + L];
-            for (int e = 0; e < 16; ++e) acc[e] += h * s_op[t * kLDO + e0 + e];
+#pragma unroll 4
+          for (int t = 0; t < kBN; ++t) {  // [8] x [4] outer product: [64, 64] @ [64, kSub] per block
+            float h[8], o[4];
+#pragma unroll
+            for (int r = 0; r < 8; ++r)
+              h[r] = MODE == MODE_BWD_DQ ? s_x[(ty + 8 * r) * kLDX + t] : s_x[t * kLDX + ty + 8 * r];
+#pragma unroll
+            for (int c = 0; c < 4; ++c) o[c] = s_op[t * kLDO + tx + 16 * c];
+#pragma unroll
+            for (int r = 0; r < 8; ++r)
+#pragma unroll
+              for (int c = 0; c < 4; ++c) acc[r][sc * 4 + c] += h[r] * o[c];
           }
-          if (me_valid)
-            for (int e = 0; e < 16; ++e)
-              if (d0 + e0 + e < p.d) out[me * p.d + d0 + e0 + e] += acc[e];
         }
       }
     }
@@ -396,28 +415,50 @@ __device__ void tile_body(const KParams& p) {
     sum_g = pair_sum(sum_g);
     sum_gx = pair_sum(sum_gx);
     sum_h = pair_sum(sum_h);
-    if (MODE == MODE_BWD_DQ && me_valid && half == 0) {
+    if (MODE == MODE_BWD_DQ && me_valid && half == 0 && blockIdx.y == 0) {  // once per row
       if (p.gx) p.gx[me] += sum_gx;
       if (p.gsum) p.gsum[me] += sum_g;
     }
-    float* out = MODE == MODE_BWD_DQ ? p.dq : p.dk;
-    if (DIST && out != nullptr && me_valid) {  // dq_i -= (sum_j H_ij) q_i ; dk_j -= (sum_i H_ij) k_j
+    if (out != nullptr) {  // the gradient block, added once
+      if (DIST) {  // dq_i -= (sum_j H_ij) q_i ; dk_j -= (sum_i H_ij) k_j
+        if (half == 0) s_sumh[L] = sum_h;
+        __syncthreads();
+      }
       const Tin* x = static_cast<const Tin*>(MODE == MODE_BWD_DQ ? p.q : p.k);
       const int64_t s0 = MODE == MODE_BWD_DQ ? p.sq0 : p.sk0, s1 = MODE == MODE_BWD_DQ ? p.sq1 : p.sk1;
-      for (int64_t e = half * 16; e < p.d; e += 32)
-        for (int64_t u = e; u < e + 16 && u < p.d; ++u) out[me * p.d + u] -= sum_h * to_f(x[me * s0 + u * s1]);
+      const int64_t n_own = MODE == MODE_BWD_DQ ? p.n : p.m;
+#pragma unroll
+      for (int r = 0; r < 8; ++r) {
+        const int64_t row = own0 + ty + 8 * r;
+        if (row >= n_own) break;
+#pragma unroll
+        for (int c = 0; c < kAccC; ++c) {
+          const int64_t e = dc0 + (c / 4) * kSub + (c % 4) * 16 + tx;
+          if (e >= p.d) continue;
+          float v = acc[r][c];
+          if (DIST) v -= s_sumh[ty + 8 * r] * to_f(x[row * s0 + e * s1]);
+          out[row * p.d + e] += v;
+        }
+      }
     }
   }
 }
 
+// Blocks per SM the register budget aims at: the backward holds a 128-register gradient block
+// next to the logits tile, which fits without spills in 255 registers (2 blocks per SM), not in
+// ptxas's own choice of 168; the forward fits in 128 (4 blocks), where ptxas's own choice for
+// the NVRTC entries (72 or 96 registers) spills.
+template <int MODE>
+constexpr int kMinBlocks = MODE == MODE_BWD_DQ || MODE == MODE_BWD_DK ? 2 : 4;
+
 template <typename Tin, int MODE, bool DIST>
-__global__ void __launch_bounds__(kThreads) tile_kernel(const KParams p) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks<MODE>) tile_kernel(const KParams p) {
   tile_body<Tin, MODE, DIST>(p);
 }
 
 // NVRTC entry (CuPy RawModule): the arguments through a device buffer holding a KParams.
 template <typename Tin, int MODE, bool DIST>
-__global__ void __launch_bounds__(kThreads) tile_kernel_rtc(const KParams* p) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks<MODE>) tile_kernel_rtc(const KParams* p) {
   tile_body<Tin, MODE, DIST>(*p);
 }
 

@@ -8,6 +8,10 @@
 * CUDA tensors: the CUDA kernels of csrc/cuda when ``tilecl._C`` was built with nvcc
   (``TILECL_BUILD_CUDA=1``), else the same device code compiled at run time by NVRTC through
   CuPy (``cupy.RawModule``), when CuPy is installed. fp32 compute; fp16 / bf16 use tensor cores.
+  Both launchers take their grid from ``launch_plan`` (csrc/cuda/tile_launch.h): the backward
+  blocks each own 64 gradient rows x 256 columns of D, held in registers across the whole loop.
+  ``TILECL_CUDA_SYNC_CHECK=1`` synchronizes after every launch and raises an error naming the
+  kernel that faulted (the GPU tests set it); otherwise a fault surfaces at a later sync.
 
 csrc/ knows no torch: this module passes ``data_ptr()``, sizes, strides (in elements), dtype
 codes, the flags of the TileSpec as ints, and ``torch.cuda.current_stream().cuda_stream``.
@@ -300,6 +304,29 @@ _RTC_TYPES = {0: "float", 2: "__half", 3: "__nv_bfloat16"}
 _rtc_cache: dict = {}
 
 
+def launch_plan(mode: str, n: int, m: int, d: int, dtype: torch.dtype, dist: bool,
+                grad_out: bool = True) -> dict:
+    """Grid, threads, D chunk and global bytes / flops of one launch of the CUDA kernel ``mode``
+    ("fwd_rows", "fwd_cols", "bwd_dq", "bwd_dk") on q [n, d], k [m, d] of ``dtype``: the plan the
+    nvcc launcher (csrc/cuda/tile_cuda.cu) and the NVRTC one (``_rtc_launch``) both run.
+    ``grad_out``: the backward writes dq (dk); False when dq only feeds the row sums."""
+    if mode not in _RTC_MODES:
+        raise ValueError(f"mode must be one of {sorted(_RTC_MODES)}, got {mode!r}")
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"dtype must be float32, float16 or bfloat16 (the CUDA kernels), got {dtype}")
+    return _C.launch_plan(_RTC_MODES[mode], int(n), int(m), int(d), dtype.itemsize, bool(dist),
+                          bool(grad_out))
+
+
+def _sync_checked(name: str, grid, device):
+    """TILECL_CUDA_SYNC_CHECK: wait for the kernel just launched and name it if it faulted."""
+    try:
+        torch.cuda.synchronize(device)
+    except RuntimeError as exc:
+        raise RuntimeError(f"tilecl CUDA kernel {name} (grid {grid[0]} x {grid[1]}) failed "
+                           f"(TILECL_CUDA_SYNC_CHECK): {exc}") from exc
+
+
 def _kparams_type():
     import ctypes as c
 
@@ -341,7 +368,8 @@ def _rtc_module():
 
 
 def _rtc_launch(p: "_Prepared", modes, outs: dict, device, stream):
-    """Launch the NVRTC-compiled kernels ``modes`` on ``stream`` (CuPy; untested without a GPU)."""
+    """Launch the NVRTC-compiled kernels ``modes`` on ``stream`` with the grids of ``launch_plan``
+    (CuPy; the launches are checked on the CPU with a stand-in module, the kernels only on a GPU)."""
     import cupy
     import numpy as np
 
@@ -368,14 +396,19 @@ def _rtc_launch(p: "_Prepared", modes, outs: dict, device, stream):
     buf = torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(device, non_blocking=False)
     t = _RTC_TYPES[pr["dtype"]]
     dist = "true" if s["logit"] == 1 else "false"
+    sync = _C.sync_check()
     with cupy.cuda.Device(device.index), cupy.cuda.ExternalStream(stream):
         for mode in modes:
-            size = pr["n"] if mode in ("fwd_rows", "bwd_dq") else pr["m"]
-            blocks = (size + 63) // 64
-            if blocks == 0:
+            grad_out = mode == "bwd_dk" or (mode == "bwd_dq" and bool(outs.get("dq")))
+            plan = _C.launch_plan(_RTC_MODES[mode], pr["n"], pr["m"], pr["d"],
+                                  4 if t == "float" else 2, dist == "true", grad_out)
+            grid = plan["grid"]
+            if grid[0] == 0 or grid[1] == 0:
                 continue
-            fn = mod.get_function(f"tilecl::tile_kernel_rtc<{t},{_RTC_MODES[mode]},{dist}>")
-            fn((blocks,), (128,), (np.uint64(buf.data_ptr()),))
+            name = f"tilecl::tile_kernel_rtc<{t},{_RTC_MODES[mode]},{dist}>"
+            mod.get_function(name)(grid, (plan["threads"],), (np.uint64(buf.data_ptr()),))
+            if sync:
+                _sync_checked(name, grid, device)
     # buf may be freed now: the caching allocator reuses it only in the order of this stream
 
 
