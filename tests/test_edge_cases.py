@@ -168,3 +168,83 @@ def test_locked_tower_gets_no_gradient_and_saves_the_matmul():
         assert_rel(grads[0], g_ref, 1e-10, "image grad")
     tiles = math.ceil(70 / 16) * math.ceil(70 / 24)
     assert counts[False] - counts[True] == tiles  # no dk matmul for the frozen side
+
+
+def _triton_here():
+    """["triton"] when the triton backend runs in this session (the interpreter on a CPU-only
+    machine, set up by conftest), else []: these loss-level checks are cheap at tiny shapes."""
+    from tilecl._backends import unavailable_reason
+
+    if torch.cuda.is_available() or unavailable_reason("triton", torch.device("cpu")) is not None:
+        return []
+    return ["triton"]
+
+
+ALL_BACKENDS = BACKENDS + [b for b in _triton_here() if b not in BACKENDS]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("dup", ["pair", "all"])
+@pytest.mark.parametrize("gamma", [1.0, 1.5])
+def test_kernel_info_nce_duplicate_rows(gamma, dup, dtype):
+    # duplicates: the Gram expansion leaves d2 at rounding noise (or 0), where D^(gamma - 2)
+    # exploded (gradients of 1e6..1e7); a duplicate is at distance 0 with the subgradient 0
+    z = F.normalize(torch.randn(8, 16, dtype=torch.float64), dim=1)
+    if dup == "pair":
+        z[1] = z[0]
+    else:
+        z[:] = z[0]
+    z = z.to(dtype)
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    leaves = [z[:4].double().requires_grad_(), z[4:].double().requires_grad_()]
+    ref = tilecl.kernel_info_nce(*leaves, gamma=gamma, backend="reference")
+    ref_grads = torch.autograd.grad(ref, leaves)
+    for b in ALL_BACKENDS:
+        leaves = [z[:4].clone().requires_grad_(), z[4:].clone().requires_grad_()]
+        loss = tilecl.kernel_info_nce(*leaves, gamma=gamma, backend=b)
+        grads = torch.autograd.grad(loss, leaves)
+        assert_rel(loss, ref, tol, f"{b} loss")
+        for i, (g, r) in enumerate(zip(grads, ref_grads)):
+            assert_rel(g, r, tol, f"{b} grad {i}")  # all identical: exactly 0 (scale 0: absolute)
+
+
+def test_nan_in_any_embedding_gives_nan_loss():
+    # NaN in, NaN out (as dense PyTorch): one NaN element of the first and of the second
+    # embedding input of every loss, on every backend; max guards, masks and clamps must keep it
+    from cases import CASES
+
+    bad, checked = [], set()
+    for case in CASES:
+        n = max(case.min_n, 5)
+        for which in (0, 1):
+            diff, const = case.make(n, 4, torch.float32)
+            if which >= len(diff) or diff[which].dim() < 2:
+                continue
+            x = diff[which].clone()
+            x.view(-1)[x.numel() // 2 + 1] = float("nan")
+            diff = diff[:which] + (x,) + diff[which + 1:]
+            for b in ALL_BACKENDS:
+                loss = case.call(b, "mean", *diff, **const)
+                checked.add((case.name, b))
+                if not torch.isnan(loss).all():
+                    bad.append(f"{case.name} input {which} {b}: {loss.tolist()}")
+    assert len(checked) == len(CASES) * len(ALL_BACKENDS), "a loss was left unchecked"
+    assert not bad, "finite loss from a NaN input:\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize("name", ["clip_spread_rows", "clip_spread_cols", "kernel_info_nce_g15",
+                                  "kernel_info_nce_g3"])
+def test_triton_extreme_spread_and_gamma_against_float64(name):
+    # the loss-level sweeps leave triton out unless asked (slow interpreter): these cases (row
+    # maxima ~195 apart within and across tiles; the distance factor at gamma 1.5, 3) run here
+    from cases import BY_NAME, run
+
+    if "triton" not in ALL_BACKENDS:
+        pytest.skip("the triton backend does not run here")
+    case = BY_NAME[name]
+    diff, const = case.make(70 if "spread" in name else 20, 5, torch.float32)
+    ref_loss, ref_grads = run(case, "reference", "mean", [x.double() for x in diff], const)
+    loss, grads = run(case, "triton", "mean", diff, const)
+    assert_rel(loss, ref_loss, 1e-5, f"{name} loss")
+    for i, (g, r) in enumerate(zip(grads, ref_grads)):
+        assert_rel(g, r, 1e-5, f"{name} grad of input {i}")

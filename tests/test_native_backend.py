@@ -75,8 +75,9 @@ def make_case(name, n, d, dtype, gen):
         aux = TileAux(excl=ar.clone(), pos=(ar + n // 2) % n,
                       wa=torch.rand(n, 3, generator=gen, dtype=torch.float64),
                       wb=torch.rand(n, 3, generator=gen, dtype=torch.float64))
-    elif name in ("dist_gamma2", "dist_gamma1"):
-        spec = TileSpec(logit="dist", gamma=2.0 if name.endswith("2") else 1.0, sums=(ALL,))
+    elif name in ("dist_gamma2", "dist_gamma1", "dist_gamma15", "dist_gamma3"):
+        gamma = {"2": 2.0, "1": 1.0, "15": 1.5, "3": 3.0}[name[len("dist_gamma"):]]
+        spec = TileSpec(logit="dist", gamma=gamma, sums=(ALL,))
         aux = TileAux(excl=ar.clone())
         alpha = torch.tensor(2.0, dtype=torch.float64)
     elif name == "siglip":
@@ -154,7 +155,8 @@ def assert_match(got, want, rtol, where, names=NAMES):
 
 
 CASES = ["infonce", "clip_symmetric", "nt_xent_self", "supcon_out", "supcon_in", "hcl", "cclk_dense",
-         "lowrank", "dist_gamma2", "dist_gamma1", "siglip", "row_alpha", "col_offset"]
+         "lowrank", "dist_gamma2", "dist_gamma1", "dist_gamma15", "dist_gamma3", "siglip", "row_alpha",
+         "col_offset"]
 SHAPES = [(1, 3), (7, 3), (63, 64), (65, 100), (130, 64)]
 DTYPES = {"fp64": (torch.float64, 1e-10), "fp32": (torch.float32, 1e-5)}
 
