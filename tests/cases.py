@@ -55,14 +55,15 @@ def _prefixes(d):
 
 def _spread(n, d, dt, away, seed):
     """Unit vectors in a cluster around e_1 (cosine ~0.99), except those with ``away`` set (the
-    first half and every fifth), which point the other way: at logit scale 100 their row (or
-    column) maxima sit ~195 below the cluster's, inside one tile and from one tile to the next,
-    far past fp32's exp range (~88). A stale running max turns that into NaN or a wrong loss."""
+    first three quarters, whole tiles of every backend at N = 130, and every fifth), which
+    point the other way: at logit scale 100 their row (or column) maxima sit ~195 below the
+    cluster's, inside one tile and from one tile to the next, far past fp32's exp range (~88).
+    A stale running max turns that into NaN or a wrong loss."""
     x = torch.randn(n, d, dtype=torch.float64, generator=_gen(seed)) * 0.1
     x[:, 0] += 1.0
     if away:
         i = torch.arange(n)
-        x[(i < n // 2) | (i % 5 == 2), 0] -= 2.0
+        x[(i < 3 * n // 4) | (i % 5 == 2), 0] -= 2.0
     return F.normalize(x, dim=1).to(dt)
 
 

@@ -232,15 +232,18 @@ def test_nan_in_any_embedding_gives_nan_loss():
     assert not bad, "finite loss from a NaN input:\n" + "\n".join(bad)
 
 
-@pytest.mark.parametrize("name", ["clip_spread_rows", "clip_spread_cols", "kernel_info_nce_g15",
-                                  "kernel_info_nce_g3"])
-def test_triton_extreme_spread_and_gamma_against_float64(name):
+@pytest.mark.parametrize("name,col_pass", [
+    ("clip_spread_rows", "atomic"), ("clip_spread_rows", "two"), ("clip_spread_cols", "atomic"),
+    ("clip_spread_cols", "two"), ("kernel_info_nce_g15", "atomic"), ("kernel_info_nce_g3", "atomic")])
+def test_triton_extreme_spread_and_gamma_against_float64(monkeypatch, name, col_pass):
     # the loss-level sweeps leave triton out unless asked (slow interpreter): these cases (row
-    # maxima ~195 apart within and across tiles; the distance factor at gamma 1.5, 3) run here
+    # maxima ~195 apart within and across tiles; the distance factor at gamma 1.5, 3) run here,
+    # the column LSE by both of its passes (atomic sums against a bound; the running-max pass)
     from cases import BY_NAME, run
 
     if "triton" not in ALL_BACKENDS:
         pytest.skip("the triton backend does not run here")
+    monkeypatch.setenv("TILECL_TRITON_COL_PASS", col_pass)
     case = BY_NAME[name]
     diff, const = case.make(70 if "spread" in name else 20, 5, torch.float32)
     ref_loss, ref_grads = run(case, "reference", "mean", [x.double() for x in diff], const)

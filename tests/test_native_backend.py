@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tilecl import _backends
+from tilecl import _backends, _torch_tiled
 from tilecl._autograd import tile_stats
 from tilecl._spec import SumSpec, TileAux, TileSpec
 
@@ -529,3 +529,29 @@ def test_native_cuda_matches_torch(case, dtype, rtol):
               bias.to(cuda) if bias is not None else None, aux_c, 11)
     assert_match([t.cpu() if t is not None else None for t in got],
                  [t.cpu() if t is not None else None for t in want], rtol, f"cuda {case} {dtype}")
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("dt", list(DTYPES))
+@pytest.mark.parametrize("case", ["infonce", "row_alpha", "col_offset", "siglip", "dist_gamma15"])
+def test_native_cpu_row_block_groups(case, dt, threads):
+    """N = 777 rows (9 row blocks of 96): 4 row-block groups on one thread, 9 on three, whose
+    column-side partials (column LSE, dk) merge in group order; odd M (782 to 1557) and D."""
+    dtype, rtol = DTYPES[dt]
+    gen = torch.Generator().manual_seed(13)
+    spec, q, k, alpha, bias, aux = make_case(case, 777, 19, dtype, gen)
+    old_tile = _torch_tiled.set_tile_size(256, 512)  # the reference's tiles: any size, fewer calls
+    try:
+        want = run("torch", spec, q, k, alpha, bias, aux, 13)
+    finally:
+        _torch_tiled.set_tile_size(*old_tile)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        got = run("native", spec, q, k, alpha, bias, aux, 13)
+    finally:
+        torch.set_num_threads(old)
+    skip = [NAMES.index("dalpha")] if dtype == torch.float32 else []  # see matches_torch
+    keep = [i for i in range(len(got)) if i not in skip]
+    assert_match([got[i] for i in keep], [want[i] for i in keep], rtol,
+                 f"{case} {dt} threads={threads}", [NAMES[i] for i in keep])
