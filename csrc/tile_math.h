@@ -211,11 +211,12 @@ TCL_HD Elem<T> make_elem(const Aux<T>& aux, T clip, T x, int64_t i, int64_t j_lo
   return e;
 }
 
-// Does accumulator k see this element (its mask AND a non-zero weight)? math.md 9.3: the mask is
-// applied as a boolean, after the exponential, never as an additive constant.
+// Does accumulator k see this element (its mask AND a non-zero weight; a NaN weight is seen, so
+// that it makes the sum NaN)? math.md 9.3: the mask is applied as a boolean, after the
+// exponential, never as an additive constant.
 template <typename T>
 TCL_HD bool sum_sees(const Spec& s, int k, const Elem<T>& e) {
-  return in_sum(s.cols[k], e.allowed, e.y) && (!s.weighted[k] || e.w > T(0));
+  return in_sum(s.cols[k], e.allowed, e.y) && (!s.weighted[k] || !(e.w <= T(0)));
 }
 
 // Term of accumulator k relative to its running max m (of beta_k x): w exp(beta_k x - m), or 0.

@@ -208,26 +208,36 @@ def test_kernel_info_nce_duplicate_rows(gamma, dup, dtype):
             assert_rel(g, r, tol, f"{b} grad {i}")  # all identical: exactly 0 (scale 0: absolute)
 
 
-def test_nan_in_any_embedding_gives_nan_loss():
+def _with_nan(x, at):
+    x = x.clone().contiguous()
+    x.view(-1)[at] = float("nan")
+    return x
+
+
+def test_nan_in_any_input_gives_nan_loss():
     # NaN in, NaN out (as dense PyTorch): one NaN element of the first and of the second
-    # embedding input of every loss, on every backend; max guards, masks and clamps must keep it
+    # embedding input of every loss, and of each float side input (CCL-K weights / conditions,
+    # the uniformity prior; off the diagonal, which CCL-K's W never uses), on every backend:
+    # max guards, masks, weight tests and clamps must keep it
     from cases import CASES
 
     bad, checked = [], set()
     for case in CASES:
-        n = max(case.min_n, 5)
-        for which in (0, 1):
-            diff, const = case.make(n, 4, torch.float32)
-            if which >= len(diff) or diff[which].dim() < 2:
-                continue
-            x = diff[which].clone()
-            x.view(-1)[x.numel() // 2 + 1] = float("nan")
-            diff = diff[:which] + (x,) + diff[which + 1:]
+        diff, const = case.make(max(case.min_n, 5), 4, torch.float32)
+        trials = [(f"input {i}", diff[:i] + (_with_nan(x, x.numel() // 2 + 1),) + diff[i + 1:],
+                   const) for i, x in enumerate(diff[:2]) if x.dim() >= 2]
+        for key, v in const.items():
+            first = v[0] if isinstance(v, tuple) else v
+            if isinstance(first, torch.Tensor) and first.is_floating_point():
+                nan = _with_nan(first, 1)
+                trials.append((key, diff, {**const, key: (nan, *v[1:]) if isinstance(v, tuple)
+                                           else nan}))
+        for what, args, kw in trials:
             for b in ALL_BACKENDS:
-                loss = case.call(b, "mean", *diff, **const)
+                loss = case.call(b, "mean", *args, **kw)
                 checked.add((case.name, b))
                 if not torch.isnan(loss).all():
-                    bad.append(f"{case.name} input {which} {b}: {loss.tolist()}")
+                    bad.append(f"{case.name} {what} {b}: {loss.tolist()}")
     assert len(checked) == len(CASES) * len(ALL_BACKENDS), "a loss was left unchecked"
     assert not bad, "finite loss from a NaN input:\n" + "\n".join(bad)
 

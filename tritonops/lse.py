@@ -147,8 +147,8 @@ def _sum_mask(m_allowed, m_y, b_w, C: tl.constexpr, W: tl.constexpr):
         m_s = m_allowed & ~m_y
     else:
         m_s = m_allowed
-    if W:  # w = 0 drops the column (the reference's log 0 = -inf)
-        m_s = m_s & (b_w > 0.0)
+    if W:  # w = 0 drops the column (the reference's log 0 = -inf); a NaN weight stays (NaN out)
+        m_s = m_s & ~(b_w <= 0.0)
     return m_s
 
 

@@ -100,7 +100,7 @@ inline void sum_logits(const Spec& s, int k, const T* x, const T* ma, const T* m
 #pragma omp simd
   for (int64_t c = 0; c < bc; ++c) {
     T sees = cols == COLS_ALL ? ma[c] : (cols == COLS_POS ? my[c] : ma[c] - my[c]);
-    if (weighted) sees = w[c] > T(0) ? sees : T(0);
+    if (weighted) sees = w[c] <= T(0) ? T(0) : sees;  // a NaN weight is seen (sum_sees)
     z[c] = sees > T(0) ? beta * x[c] : ninf;
   }
 }
