@@ -131,13 +131,15 @@ TCL_HD T lse_rescale(T l, T m_old, T m_new) {
   return l == T(0) ? T(0) : l * t_exp(m_old - lse_ref(m_new));
 }
 
-// lse of a finished (m, l) pair; -inf when the accumulator saw no column.
+// lse of a finished (m, l) pair; -inf when the accumulator saw no column. A NaN logit makes l
+// NaN (exp(NaN - m) = NaN) and so the lse: tested as l == 0, not l > 0, so NaN is not dropped.
 template <typename T>
-TCL_HD T lse_finish(T m, T l) { return l > T(0) ? m + t_log(l) : neg_inf<T>(); }
+TCL_HD T lse_finish(T m, T l) { return l == T(0) ? neg_inf<T>() : m + t_log(l); }
 
-// logaddexp(a, b), -inf safe (merging statistics of two column blocks).
+// logaddexp(a, b), -inf safe (merging statistics of two column blocks); NaN if either is NaN.
 template <typename T>
 TCL_HD T lse_merge(T a, T b) {
+  if (a != a || b != b) return a + b;
   T hi = t_max(a, b), lo = a > b ? b : a;
   if (hi == neg_inf<T>()) return hi;
   return hi + t_log1p(t_exp(lo - hi));
@@ -209,11 +211,12 @@ TCL_HD Elem<T> make_elem(const Aux<T>& aux, T clip, T x, int64_t i, int64_t j_lo
   return e;
 }
 
-// Does accumulator k see this element (its mask AND a non-zero weight)? math.md 9.3: the mask is
-// applied as a boolean, after the exponential, never as an additive constant.
+// Does accumulator k see this element (its mask AND a non-zero weight; a NaN weight is seen, so
+// that it makes the sum NaN)? math.md 9.3: the mask is applied as a boolean, after the
+// exponential, never as an additive constant.
 template <typename T>
 TCL_HD bool sum_sees(const Spec& s, int k, const Elem<T>& e) {
-  return in_sum(s.cols[k], e.allowed, e.y) && (!s.weighted[k] || e.w > T(0));
+  return in_sum(s.cols[k], e.allowed, e.y) && (!s.weighted[k] || !(e.w <= T(0)));
 }
 
 // Term of accumulator k relative to its running max m (of beta_k x): w exp(beta_k x - m), or 0.
@@ -282,9 +285,30 @@ TCL_HD T grad_coef(const Spec& s, const Elem<T>& e, const RowGrad<T>& r, bool ha
 }
 
 // ---- logits (math.md 1.4): x = alpha dot + bias, or x = -alpha d2^(gamma/2) ----
-// squared distance from the dot product and the squared norms, clamped at 0 (math.md 9.13)
+// Squared distance from the dot product and the squared norms (math.md 9.13). The expansion
+// d2 = |q|^2 + |k|^2 - 2 <q, k> subtracts numbers of size |q|^2 + |k|^2, each rounded: its absolute
+// error is c u (|q|^2 + |k|^2), u the unit roundoff (2^-24 in fp32, 2^-53 in fp64), c a few units
+// growing like sqrt(D) with the dot product's length (measured: c <= 14 for D = 3..4096 in fp32).
+// A d2 below dist2_eps = 64 u of |q|^2 + |k|^2 is therefore rounding noise, not a distance: the
+// pair is a duplicate at working precision and d2 is taken as exactly 0. The logit is then the
+// duplicate's exact 0, and the gradient of D^gamma there its subgradient 0 (h_factor; what the
+// reference's difference-based cdist gives at D = 0). Without this, gamma < 2 multiplies the
+// rounding of H k - H q by d2^(gamma/2 - 1) of noise: gradients of 1e6..1e7 for duplicate rows.
+// Above the threshold d2 has a relative error below 1/4 and the pair's gradient H (k - q),
+// of size alpha gamma G d^(gamma - 1), has no 1/noise factor left. d2 < 0 (rounding) is snapped
+// to 0 too; NaN stays NaN (the comparison is false).
 template <typename T>
-TCL_HD T dist2(T dot, T nq, T nk) { return t_max(nq + nk - T(2) * dot, T(0)); }
+TCL_HD T dist2_eps();
+template <>
+TCL_HD float dist2_eps<float>() { return 3.814697265625e-06f; }  // 2^-18 = 64 * 2^-24
+template <>
+TCL_HD double dist2_eps<double>() { return 7.105427357601002e-15; }  // 2^-47 = 64 * 2^-53
+
+template <typename T>
+TCL_HD T dist2(T dot, T nq, T nk) {
+  const T d2 = nq + nk - T(2) * dot;
+  return d2 <= dist2_eps<T>() * (nq + nk) ? T(0) : d2;
+}
 
 // `inner` is the dot product (DIST = false) or the squared distance d2 (DIST = true)
 template <bool DIST, typename T>
@@ -295,13 +319,15 @@ TCL_HD T logit_of(T inner, T a, T bias, T gamma) {
 
 // Factor turning G into H, the coefficient of the embeddings in their gradients:
 //   dot:  H = alpha G;                  dq_i += H_ij k_j,          dk_j += H_ij q_i
-//   dist: H = G fac, fac = 2 alpha (gamma = 2) or alpha gamma max(d2, 1e-30)^(gamma/2 - 1);
+//   dist: H = G fac, fac = 2 alpha (gamma = 2) or alpha gamma d2^(gamma/2 - 1), and 0 for a
+//         duplicate (d2 = 0 after dist2: the subgradient 0 of D^gamma at D = 0);
 //         dq_i += H_ij (k_j - q_i),    dk_j += H_ij (q_i - k_j)   (math.md 1.4, _torch_tiled)
 template <bool DIST, typename T>
 TCL_HD T h_factor(T inner, T a, T gamma) {
   if (!DIST) return a;
   if (gamma == T(2)) return T(2) * a;
-  return a * gamma * t_pow(t_max(inner, T(1e-30)), gamma / T(2) - T(1));
+  if (inner == T(0)) return T(0);
+  return a * gamma * t_pow(inner, gamma / T(2) - T(1));
 }
 
 }  // namespace tilecl

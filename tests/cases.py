@@ -53,6 +53,20 @@ def _prefixes(d):
     return sorted({d} | {p for p in (d // 2, d // 4) if p >= 4}, reverse=True)
 
 
+def _spread(n, d, dt, away, seed):
+    """Unit vectors in a cluster around e_1 (cosine ~0.99), except those with ``away`` set (the
+    first three quarters, whole tiles of every backend at N = 130, and every fifth), which
+    point the other way: at logit scale 100 their row (or column) maxima sit ~195 below the
+    cluster's, inside one tile and from one tile to the next, far past fp32's exp range (~88).
+    A stale running max turns that into NaN or a wrong loss."""
+    x = torch.randn(n, d, dtype=torch.float64, generator=_gen(seed)) * 0.1
+    x[:, 0] += 1.0
+    if away:
+        i = torch.arange(n)
+        x[(i < 3 * n // 4) | (i % 5 == 2), 0] -= 2.0
+    return F.normalize(x, dim=1).to(dt)
+
+
 CASES = [
     Case("info_nce",
          lambda n, d, dt: ((unit(n, d, dtype=dt), unit(n + 3, d, dtype=dt), scalar(0.2, dt)), {}),
@@ -126,6 +140,14 @@ CASES = [
     Case("clip_scale100",
          lambda n, d, dt: ((unit(n, d, dtype=dt), unit(n, d, dtype=dt), scalar(100.0, dt)), {}),
          lambda b, r, i, t, s: tilecl.clip_loss(i, t, s, reduction=r, backend=b)),
+    Case("clip_spread_rows",  # image rows far apart in their row maxima (the column LSE)
+         lambda n, d, dt: ((_spread(n, d, dt, True, 21), _spread(n, d, dt, False, 22),
+                            scalar(100.0, dt)), {}),
+         lambda b, r, i, t, s: tilecl.clip_loss(i, t, s, reduction=r, backend=b)),
+    Case("clip_spread_cols",  # text columns far apart in their column maxima (the row LSE)
+         lambda n, d, dt: ((_spread(n, d, dt, False, 23), _spread(n, d, dt, True, 24),
+                            scalar(100.0, dt)), {}),
+         lambda b, r, i, t, s: tilecl.clip_loss(i, t, s, reduction=r, backend=b)),
     Case("siglip",
          lambda n, d, dt: ((unit(n, d, dtype=dt), unit(n, d, dtype=dt), scalar(10.0, dt),
                             scalar(-10.0, dt)), {}),
@@ -192,6 +214,16 @@ CASES = [
     Case("kernel_info_nce_g1",
          lambda n, d, dt: ((unit(n, d, dtype=dt), unit(n, d, dtype=dt)), {}),
          lambda b, r, z1, z2: tilecl.kernel_info_nce(z1, z2, gamma=1.0, reduction=r, backend=b),
+         min_n=2),
+    Case("kernel_info_nce_g15",  # gamma 1.5 and 3: the factor gamma d2^(gamma/2 - 1) matters
+         lambda n, d, dt: ((unit(n, d, dtype=dt), unit(n, d, dtype=dt), scalar(0.4, dt)), {}),
+         lambda b, r, z1, z2, t: tilecl.kernel_info_nce(z1, z2, temperature=t, gamma=1.5,
+                                                        reduction=r, backend=b),
+         min_n=2),
+    Case("kernel_info_nce_g3",
+         lambda n, d, dt: ((unit(n, d, dtype=dt), unit(n, d, dtype=dt), scalar(0.7, dt)), {}),
+         lambda b, r, z1, z2, t: tilecl.kernel_info_nce(z1, z2, temperature=t, gamma=3.0,
+                                                        reduction=r, backend=b),
          min_n=2),
     Case("uniformity",
          lambda n, d, dt: ((unit(n, d, dtype=dt), scalar(2.0, dt)), {}),

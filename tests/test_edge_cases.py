@@ -168,3 +168,96 @@ def test_locked_tower_gets_no_gradient_and_saves_the_matmul():
         assert_rel(grads[0], g_ref, 1e-10, "image grad")
     tiles = math.ceil(70 / 16) * math.ceil(70 / 24)
     assert counts[False] - counts[True] == tiles  # no dk matmul for the frozen side
+
+
+def _triton_here():
+    """["triton"] when the triton backend runs in this session (the interpreter on a CPU-only
+    machine, set up by conftest), else []: these loss-level checks are cheap at tiny shapes."""
+    from tilecl._backends import unavailable_reason
+
+    if torch.cuda.is_available() or unavailable_reason("triton", torch.device("cpu")) is not None:
+        return []
+    return ["triton"]
+
+
+ALL_BACKENDS = BACKENDS + [b for b in _triton_here() if b not in BACKENDS]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("dup", ["pair", "all"])
+@pytest.mark.parametrize("gamma", [1.0, 1.5])
+def test_kernel_info_nce_duplicate_rows(gamma, dup, dtype):
+    # duplicates: the Gram expansion leaves d2 at rounding noise (or 0), where D^(gamma - 2)
+    # exploded (gradients of 1e6..1e7); a duplicate is at distance 0 with the subgradient 0
+    z = F.normalize(torch.randn(8, 16, dtype=torch.float64), dim=1)
+    if dup == "pair":
+        z[1] = z[0]
+    else:
+        z[:] = z[0]
+    z = z.to(dtype)
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    leaves = [z[:4].double().requires_grad_(), z[4:].double().requires_grad_()]
+    ref = tilecl.kernel_info_nce(*leaves, gamma=gamma, backend="reference")
+    ref_grads = torch.autograd.grad(ref, leaves)
+    for b in ALL_BACKENDS:
+        leaves = [z[:4].clone().requires_grad_(), z[4:].clone().requires_grad_()]
+        loss = tilecl.kernel_info_nce(*leaves, gamma=gamma, backend=b)
+        grads = torch.autograd.grad(loss, leaves)
+        assert_rel(loss, ref, tol, f"{b} loss")
+        for i, (g, r) in enumerate(zip(grads, ref_grads)):
+            assert_rel(g, r, tol, f"{b} grad {i}")  # all identical: exactly 0 (scale 0: absolute)
+
+
+def _with_nan(x, at):
+    x = x.clone().contiguous()
+    x.view(-1)[at] = float("nan")
+    return x
+
+
+def test_nan_in_any_input_gives_nan_loss():
+    # NaN in, NaN out (as dense PyTorch): one NaN element of the first and of the second
+    # embedding input of every loss, and of each float side input (CCL-K weights / conditions,
+    # the uniformity prior; off the diagonal, which CCL-K's W never uses), on every backend:
+    # max guards, masks, weight tests and clamps must keep it
+    from cases import CASES
+
+    bad, checked = [], set()
+    for case in CASES:
+        diff, const = case.make(max(case.min_n, 5), 4, torch.float32)
+        trials = [(f"input {i}", diff[:i] + (_with_nan(x, x.numel() // 2 + 1),) + diff[i + 1:],
+                   const) for i, x in enumerate(diff[:2]) if x.dim() >= 2]
+        for key, v in const.items():
+            first = v[0] if isinstance(v, tuple) else v
+            if isinstance(first, torch.Tensor) and first.is_floating_point():
+                nan = _with_nan(first, 1)
+                trials.append((key, diff, {**const, key: (nan, *v[1:]) if isinstance(v, tuple)
+                                           else nan}))
+        for what, args, kw in trials:
+            for b in ALL_BACKENDS:
+                loss = case.call(b, "mean", *args, **kw)
+                checked.add((case.name, b))
+                if not torch.isnan(loss).all():
+                    bad.append(f"{case.name} {what} {b}: {loss.tolist()}")
+    assert len(checked) == len(CASES) * len(ALL_BACKENDS), "a loss was left unchecked"
+    assert not bad, "finite loss from a NaN input:\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize("name,col_pass", [
+    ("clip_spread_rows", "atomic"), ("clip_spread_rows", "two"), ("clip_spread_cols", "atomic"),
+    ("clip_spread_cols", "two"), ("kernel_info_nce_g15", "atomic"), ("kernel_info_nce_g3", "atomic")])
+def test_triton_extreme_spread_and_gamma_against_float64(monkeypatch, name, col_pass):
+    # the loss-level sweeps leave triton out unless asked (slow interpreter): these cases (row
+    # maxima ~195 apart within and across tiles; the distance factor at gamma 1.5, 3) run here,
+    # the column LSE by both of its passes (atomic sums against a bound; the running-max pass)
+    from cases import BY_NAME, run
+
+    if "triton" not in ALL_BACKENDS:
+        pytest.skip("the triton backend does not run here")
+    monkeypatch.setenv("TILECL_TRITON_COL_PASS", col_pass)
+    case = BY_NAME[name]
+    diff, const = case.make(70 if "spread" in name else 20, 5, torch.float32)
+    ref_loss, ref_grads = run(case, "reference", "mean", [x.double() for x in diff], const)
+    loss, grads = run(case, "triton", "mean", diff, const)
+    assert_rel(loss, ref_loss, 1e-5, f"{name} loss")
+    for i, (g, r) in enumerate(zip(grads, ref_grads)):
+        assert_rel(g, r, 1e-5, f"{name} grad of input {i}")

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tilecl import _backends
+from tilecl import _backends, _torch_tiled
 from tilecl._autograd import tile_stats
 from tilecl._spec import SumSpec, TileAux, TileSpec
 
@@ -77,8 +77,9 @@ def make_case(name, n, d, dtype, gen):
         aux = TileAux(excl=ar.clone(), pos=(ar + n // 2) % n,
                       wa=torch.rand(n, 3, generator=gen, dtype=torch.float64),
                       wb=torch.rand(n, 3, generator=gen, dtype=torch.float64))
-    elif name in ("dist_gamma2", "dist_gamma1"):
-        spec = TileSpec(logit="dist", gamma=2.0 if name.endswith("2") else 1.0, sums=(ALL,))
+    elif name in ("dist_gamma2", "dist_gamma1", "dist_gamma15", "dist_gamma3"):
+        gamma = {"2": 2.0, "1": 1.0, "15": 1.5, "3": 3.0}[name[len("dist_gamma"):]]
+        spec = TileSpec(logit="dist", gamma=gamma, sums=(ALL,))
         aux = TileAux(excl=ar.clone())
         alpha = torch.tensor(2.0, dtype=torch.float64)
     elif name == "siglip":
@@ -156,7 +157,8 @@ def assert_match(got, want, rtol, where, names=NAMES):
 
 
 CASES = ["infonce", "clip_symmetric", "nt_xent_self", "supcon_out", "supcon_in", "hcl", "cclk_dense",
-         "lowrank", "dist_gamma2", "dist_gamma1", "siglip", "row_alpha", "col_offset"]
+         "lowrank", "dist_gamma2", "dist_gamma1", "dist_gamma15", "dist_gamma3", "siglip", "row_alpha",
+         "col_offset"]
 SHAPES = [(1, 3), (7, 3), (63, 64), (65, 100), (130, 64)]
 DTYPES = {"fp64": (torch.float64, 1e-10), "fp32": (torch.float32, 1e-5)}
 
@@ -787,3 +789,29 @@ def test_native_cuda_custom_ops_opcheck(case):
     gc = torch.randn(col.shape, generator=gen).cuda() if spec.col_lse else None
     torch.library.opcheck(native._bwd_op, fwd_args + (stats, col if spec.col_lse else None, g, gc,
                                                       [True, True, True, bias is not None]))
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("dt", list(DTYPES))
+@pytest.mark.parametrize("case", ["infonce", "row_alpha", "col_offset", "siglip", "dist_gamma15"])
+def test_native_cpu_row_block_groups(case, dt, threads):
+    """N = 777 rows (9 row blocks of 96): 4 row-block groups on one thread, 9 on three, whose
+    column-side partials (column LSE, dk) merge in group order; odd M (782 to 1557) and D."""
+    dtype, rtol = DTYPES[dt]
+    gen = torch.Generator().manual_seed(13)
+    spec, q, k, alpha, bias, aux = make_case(case, 777, 19, dtype, gen)
+    old_tile = _torch_tiled.set_tile_size(256, 512)  # the reference's tiles: any size, fewer calls
+    try:
+        want = run("torch", spec, q, k, alpha, bias, aux, 13)
+    finally:
+        _torch_tiled.set_tile_size(*old_tile)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        got = run("native", spec, q, k, alpha, bias, aux, 13)
+    finally:
+        torch.set_num_threads(old)
+    skip = [NAMES.index("dalpha")] if dtype == torch.float32 else []  # see matches_torch
+    keep = [i for i in range(len(got)) if i not in skip]
+    assert_match([got[i] for i in keep], [want[i] for i in keep], rtol,
+                 f"{case} {dt} threads={threads}", [NAMES[i] for i in keep])

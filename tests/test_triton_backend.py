@@ -74,7 +74,8 @@ def make_case(kind, n, d, dtype, seed=0):
     m = n
     alpha = torch.tensor(1 / 0.07)
     bias = None
-    single = kind in ("ntxent", "supcon_out", "supcon_in", "hcl", "kernel_g2", "kernel_g1")
+    single = kind in ("ntxent", "supcon_out", "supcon_in", "hcl", "kernel_g2", "kernel_g1",
+                      "kernel_g15", "kernel_g3")
     ar = torch.arange(n)
     aux = TileAux()
     if kind == "infonce":  # one direction, M > N candidates (MoCo-like queue)
@@ -108,9 +109,9 @@ def make_case(kind, n, d, dtype, seed=0):
         spec = TileSpec(positive="index", sums=(SumSpec("neg", weighted=True),),
                         weight="lowrank", weight_clip=0.05)
         aux = TileAux(pos=ar, wa=torch.rand(n, 3, generator=gen), wb=torch.rand(m, 3, generator=gen))
-    elif kind in ("kernel_g2", "kernel_g1"):
-        spec = TileSpec(logit="dist", gamma=2.0 if kind == "kernel_g2" else 1.0,
-                        positive="index", sums=(SumSpec(),))
+    elif kind in ("kernel_g2", "kernel_g1", "kernel_g15", "kernel_g3"):
+        gamma = {"2": 2.0, "1": 1.0, "15": 1.5, "3": 3.0}[kind[len("kernel_g"):]]
+        spec = TileSpec(logit="dist", gamma=gamma, positive="index", sums=(SumSpec(),))
         aux = TileAux(excl=ar, pos=(ar + n // 2) % n)
         alpha = torch.tensor(2.0)
     elif kind == "siglip":
@@ -184,6 +185,8 @@ SHAPES = {  # kind -> (N, D) pairs; together they cover N 1/17/63/65/130 and D 3
     "lowrank": [(63, 64)],
     "kernel_g2": [(65, 100)],
     "kernel_g1": [(63, 3)],
+    "kernel_g15": [(40, 7)],  # a lost factor gamma (or a wrong power of d2) in the gradient
+    "kernel_g3": [(33, 5)],  # hides at gamma 1 and 2: only these two show it
     "siglip": [(17, 3), (130, 64)],
     "row_alpha": [(65, 100)],
     "col_offset": [(63, 100)],

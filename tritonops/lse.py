@@ -30,6 +30,9 @@ import triton.language as tl
 from .configs import autotune_kwargs, code_flags, interpreting
 
 NEG_INF = tl.constexpr(float("-inf"))
+# d2 below 2^-18 (64 fp32 unit roundoffs) of |q|^2 + |k|^2 is rounding noise: a duplicate, d2 = 0
+# (derivation at dist2 in csrc/tile_math.h; the same threshold on every backend)
+DIST2_EPS = tl.constexpr(2.0**-18)
 _KEY_NONE = tl.constexpr(-(2**63))  # below every _topk_pack key: no candidate
 
 
@@ -41,7 +44,8 @@ def _tile_logits(q_ptr, k_ptr, s_qn, s_qd, s_kn, s_kd, o_m, m_m, o_n, m_n, a_i, 
     """x [BM, BN] fp32 and the inner quantity (<q_i, k_j>, or d2_ij for distance logits).
 
     The dot product loops over D in chunks of BK (any D, ragged tail masked to 0); the scale is
-    applied in fp32 after it (math.md 9.10). d2 = |q|^2 + |k|^2 - 2 q.k clamped at 0 (math.md 9.13).
+    applied in fp32 after it (math.md 9.10). d2 = |q|^2 + |k|^2 - 2 q.k, 0 at or below DIST2_EPS
+    (|q|^2 + |k|^2) (math.md 9.13); NaN stays NaN (no max, whose NaN handling differs by target).
     """
     b_acc = tl.zeros([BM, BN], dtype=tl.float32)
     b_nq = tl.zeros([BM], dtype=tl.float32)
@@ -63,13 +67,15 @@ def _tile_logits(q_ptr, k_ptr, s_qn, s_qd, s_kn, s_kd, o_m, m_m, o_n, m_n, a_i, 
             b_nq += tl.sum(f_q * f_q, axis=1)
             b_nk += tl.sum(f_k * f_k, axis=0)
     if DIST:
-        b_inner = tl.maximum(b_nq[:, None] + b_nk[None, :] - 2.0 * b_acc, 0.0)
+        b_scale = b_nq[:, None] + b_nk[None, :]
+        b_inner = b_scale - 2.0 * b_acc
+        b_inner = tl.where(b_inner <= b_scale * DIST2_EPS, 0.0, b_inner)
         if GAMMA == 2.0:
             b_base = b_inner
         else:  # d2^(g/2) = exp2(log2(d2) g/2), and 0 at d2 = 0
-            m_pos = b_inner > 0.0
-            b_base = tl.exp2(tl.log2(tl.where(m_pos, b_inner, 1.0)) * (GAMMA * 0.5))
-            b_base = tl.where(m_pos, b_base, 0.0)
+            m_zero = b_inner == 0.0
+            b_base = tl.exp2(tl.log2(tl.where(m_zero, 1.0, b_inner)) * (GAMMA * 0.5))
+            b_base = tl.where(m_zero, 0.0, b_base)
         b_x = -a_i[:, None] * b_base
     else:
         b_inner = b_acc
@@ -141,8 +147,8 @@ def _sum_mask(m_allowed, m_y, b_w, C: tl.constexpr, W: tl.constexpr):
         m_s = m_allowed & ~m_y
     else:
         m_s = m_allowed
-    if W:  # w = 0 drops the column (the reference's log 0 = -inf)
-        m_s = m_s & (b_w > 0.0)
+    if W:  # w = 0 drops the column (the reference's log 0 = -inf); a NaN weight stays (NaN out)
+        m_s = m_s & ~(b_w <= 0.0)
     return m_s
 
 
@@ -165,8 +171,9 @@ def _online_lse(b_z, m_s, b_w, b_mx, b_l, W: tl.constexpr, AXIS: tl.constexpr):
 
 @triton.jit
 def _finish_lse(b_mx, b_l):
-    m_any = b_l > 0.0
-    return tl.where(m_any, b_mx + tl.log(tl.where(m_any, b_l, 1.0)), NEG_INF)
+    """m + log l, -inf for an empty sum; NaN (a NaN logit) stays NaN: tested as l == 0."""
+    m_none = b_l == 0.0
+    return tl.where(m_none, NEG_INF, b_mx + tl.log(tl.where(m_none, 1.0, b_l)))
 
 
 @triton.jit
@@ -466,13 +473,15 @@ def _tile_grad(b_x, m_allowed, m_y, b_w, b_lse0, b_g0, b_lse1, b_g1, b_glin, b_g
 @triton.jit
 def _tile_h(b_G, b_inner, a_i, DIST: tl.constexpr, GAMMA: tl.constexpr):
     """H = dL/d<q_i, k_j> = alpha_i G (dot), or the distance factor of math.md 1.4:
-    x = -a d2^(g/2) => H = a g d2^(g/2 - 1) G, dq_i = sum_j H_ij (k_j - q_i)."""
+    x = -a d2^(g/2) => H = a g d2^(g/2 - 1) G, dq_i = sum_j H_ij (k_j - q_i); a duplicate (d2 = 0,
+    DIST2_EPS) gets the subgradient 0."""
     if DIST:
         if GAMMA == 2.0:
             b_h = b_G * (2.0 * a_i)[:, None]
         else:
-            b_d = tl.maximum(b_inner, 1e-30)
-            b_h = b_G * (a_i[:, None] * GAMMA) * tl.exp2(tl.log2(b_d) * (GAMMA * 0.5 - 1.0))
+            m_zero = b_inner == 0.0
+            b_f = tl.exp2(tl.log2(tl.where(m_zero, 1.0, b_inner)) * (GAMMA * 0.5 - 1.0))
+            b_h = b_G * (a_i[:, None] * GAMMA) * tl.where(m_zero, 0.0, b_f)
     else:
         b_h = b_G * a_i[:, None]
     return b_h

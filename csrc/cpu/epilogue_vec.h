@@ -100,7 +100,7 @@ inline void sum_logits(const Spec& s, int k, const T* x, const T* ma, const T* m
 #pragma omp simd
   for (int64_t c = 0; c < bc; ++c) {
     T sees = cols == COLS_ALL ? ma[c] : (cols == COLS_POS ? my[c] : ma[c] - my[c]);
-    if (weighted) sees = w[c] > T(0) ? sees : T(0);
+    if (weighted) sees = w[c] <= T(0) ? T(0) : sees;  // a NaN weight is seen (sum_sees)
     z[c] = sees > T(0) ? beta * x[c] : ninf;
   }
 }
@@ -116,8 +116,14 @@ inline T fwd_row_sum(const Spec& s, int k, const T* x, const T* ma, const T* my,
   T tmax = neg_inf<T>();
 #pragma omp simd reduction(max : tmax)
   for (int64_t c = 0; c < bc; ++c) tmax = z[c] > tmax ? z[c] : tmax;
-  if (tmax == neg_inf<T>()) {
-    if (e) std::fill(e, e + bc, T(0));
+  if (tmax == neg_inf<T>()) {  // nothing seen, or only NaN (the max skips NaN): NaN in, NaN out
+    bool nan = false;
+    for (int64_t c = 0; c < bc; ++c) nan = nan || z[c] != z[c];
+    if (e) std::fill(e, e + bc, nan ? T(NAN) : T(0));
+    if (nan) {
+      l = T(NAN);
+      return T(NAN);
+    }
     return tmax;
   }
   T* out = e ? e : z;
@@ -209,7 +215,7 @@ inline void fwd_col_merge(const T* x, int64_t ldx, int64_t br, int64_t bc, T C, 
       if (cs[c] < floor) bad.push_back(c);
 #pragma omp simd
     for (int64_t c = 0; c < bc; ++c) {
-      const bool ok = cs[c] >= floor;
+      const bool ok = !(cs[c] < floor);  // NaN (a NaN logit in the column) is kept, not redone
       const T mnew = ok ? t_max(cm[c], C) : cm[c];
       const T lold = cl[c] == T(0) ? T(0) : cl[c] * vexp(cm[c] - mnew);
       cl[c] = ok ? lold + cs[c] * vexp(C - mnew) : cl[c];

@@ -45,8 +45,8 @@ class TileStatsFunction(torch.autograd.Function):
         top_vals, top_idx = top[0] if top else (stats.new_zeros(0), col.new_zeros(0).long())
         ctx.pos = pos
         s_pos = stats.new_zeros(0)
-        if pos is not None:  # alpha_i <q_i, k_pos(i)> in the statistics' dtype
-            s_pos = _positive_logits(q, k, pos, stats.dtype) * alpha.to(stats.dtype)
+        if pos is not None:  # alpha_i <q_i, k_pos(i)> (or -alpha_i |q_i - k_pos(i)|^gamma)
+            s_pos = _positive_logits(q, k, pos, stats.dtype, spec) * alpha.to(stats.dtype)
         ctx.spec, ctx.aux, ctx.backend = spec, aux, backend
         ctx.has_bias = bias is not None
         if any(ctx.needs_input_grad[:4]):
@@ -85,6 +85,8 @@ class TileStatsFunction(torch.autograd.Function):
             return _backward_fused_dq(ctx, impl, q, k, alpha, bias, stats, g_stats, saved_dq,
                                       needs)
         final = getattr(impl, "backward_final", None)
+        if spec.logit == "dist" and ctx.pos is not None:
+            final = None  # its in-kernel positive pair is the dot-logit one
         grads = None
         if final is not None:  # the backend finishes the gradients itself, chunk by chunk
             grads = final(spec, q, k, alpha, bias if ctx.has_bias else None, ctx.aux, stats,
@@ -101,7 +103,8 @@ class TileStatsFunction(torch.autograd.Function):
             stats, col if spec.col_lse else None, g_stats.to(stats.dtype),
             g_col.to(col.dtype) if spec.col_lse else None, needs)
         if ctx.pos is not None and g_pos is not None:
-            dq, dk, da = _add_positive(q, k, alpha, ctx.pos, g_pos, dq, dk, da, needs, stats.dtype)
+            dq, dk, da = _add_positive(q, k, alpha, ctx.pos, g_pos, dq, dk, da, needs, stats.dtype,
+                                       spec)
         if ctx.single_set:  # z against itself: dz = dq + dk, rounded to the input dtype once
             dq = dq + dk if (dq is not None and dk is not None) else dq
             dk = None
@@ -145,13 +148,16 @@ def _backward_fused_dq(ctx, impl, q, k, alpha, bias, stats, g_stats, saved_dq, n
             None, None, None, None)
 
 
-def _add_positive(q, k, alpha, pos, g_pos, dq, dk, da, needs, cdt):
+def _add_positive(q, k, alpha, pos, g_pos, dq, dk, da, needs, cdt, spec=None):
     """s_pos_i = a_i <q_i, k_p(i)>: dq_i += a_i g_i k_p(i), dk_p(i) += a_i g_i q_i,
-    da_i += g_i <q_i, k_p(i)>, all in the backend's fp32 (fp64) accumulators."""
+    da_i += g_i <q_i, k_p(i)>, all in the backend's fp32 (fp64) accumulators. Distance logits
+    (math.md 1.4, 7.2): s_pos_i = -a_i D_i^gamma with D_i = |q_i - k_p(i)| from the difference."""
     a = alpha.to(cdt)
     g = g_pos.to(cdt)
     kp = k[pos].to(cdt)
     qc = q.to(cdt)
+    if spec is not None and spec.logit == "dist":
+        return _add_positive_dist(qc, kp, a, g, pos, dq, dk, da, needs, alpha.dim(), spec.gamma)
     coef = g * a  # [N]
     if needs[0]:
         dq = dq + coef[:, None] * kp
@@ -163,18 +169,45 @@ def _add_positive(q, k, alpha, pos, g_pos, dq, dk, da, needs, cdt):
     return dq, dk, da
 
 
+def _add_positive_dist(qc, kp, a, g, pos, dq, dk, da, needs, alpha_dim, gamma):
+    """dD^gamma / dq_i = gamma D^(gamma - 2) (q_i - k_p(i)), and the subgradient 0 at D = 0."""
+    diff = qc - kp  # [N, d]
+    d2 = diff.square().sum(1)
+    zero = d2 == 0
+    fac = gamma * torch.where(zero, 1.0, d2).pow(gamma / 2.0 - 1.0).masked_fill(zero, 0.0)
+    coef = (g * a * fac)[:, None] * diff  # -ds_pos_i / dq_i, times g_i
+    if needs[0]:
+        dq = dq - coef
+    if needs[1]:
+        dk = dk.index_add(0, pos, coef)
+    if needs[2] and da is not None:
+        # g_i ds_pos_i / da_i = -g_i D_i^gamma, in float64: it nearly cancels the tiles'
+        # sum_j G_ij x_ij / a_i (by 1e3..1e4 on unit vectors at high D), so its own rounding
+        # must stay far below the fp32 result's
+        d64 = (qc.double() - kp.double()).square().sum(1)
+        xs = -g.double() * d64.pow(gamma / 2.0)
+        da = (da.double() + (xs.sum() if alpha_dim == 0 else xs)).to(da.dtype)
+    return dq, dk, da
+
+
 _GATHER_BYTES = 4 << 20  # one fp32 temporary of the positive-logit gather
 
 
-def _positive_logits(q, k, pos, dtype):
-    """<q_i, k_pos(i)> [N] in ``dtype``, gathered in row slices of at most 4 MiB per temporary
-    (O(N) memory beyond the inputs, not O(N d))."""
+def _positive_logits(q, k, pos, dtype, spec=None):
+    """<q_i, k_pos(i)> [N] in ``dtype`` (distance logits: -|q_i - k_pos(i)|^gamma, from the
+    difference), gathered in row slices of at most 4 MiB per temporary (O(N) memory beyond
+    the inputs, not O(N d))."""
     n, d = q.shape[0], q.shape[1]
+    dist = spec is not None and spec.logit == "dist"
     step = max(1, _GATHER_BYTES // (max(d, 1) * 8))
     out = torch.empty(n, device=q.device, dtype=dtype)
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
-        out[r0:r1] = (q[r0:r1].to(dtype) * k[pos[r0:r1]].to(dtype)).sum(1)  # [S, d] -> [S]
+        qs, ks = q[r0:r1].to(dtype), k[pos[r0:r1]].to(dtype)
+        if dist:
+            out[r0:r1] = (qs - ks).square().sum(1).pow(spec.gamma / 2.0).neg()  # [S, d] -> [S]
+        else:
+            out[r0:r1] = (qs * ks).sum(1)  # [S, d] -> [S]
     return out
 
 
@@ -187,9 +220,10 @@ def tile_stats(spec: TileSpec, q, k, alpha, bias=None, aux: TileAux = None, back
     """Statistics of rows q [N, D] against columns k [M, D] (see ``_spec.py``).
 
     alpha: 0-dim or [N] float tensor (the logit scale; 1 / temperature), bias: 0-dim or None,
-    pos: [N] int64 local column of each row's positive (dot logits), or None.
+    pos: [N] int64 local column of each row's positive, or None.
     Returns (stats [S, N] fp32, col_lse [M] fp32, empty unless ``spec.col_lse``,
-    s_pos [N] = alpha_i <q_i, k_pos(i)> fp32, empty unless ``pos`` is given), and with
+    s_pos [N] = alpha_i <q_i, k_pos(i)> fp32 (distance logits: -alpha_i |q_i - k_pos(i)|^gamma),
+    empty unless ``pos`` is given), and with
     ``spec.topk`` a fourth element (vals [N, topk], global idx [N, topk]) without gradient.
     """
     stats, col, s_pos, top_vals, top_idx = TileStatsFunction.apply(

@@ -258,14 +258,18 @@ def kernel_info_nce(z1, z2, alpha, gamma, eps, reduction, backend, group):
     """math.md 7.2: x_ij = -||z_i - z_j||^gamma / T, self excluded, eps as in gamma_loss."""
     z, self_idx, _, off = _two_view(z1, z2, group, backend)
     spec = TileSpec(logit="dist", gamma=float(gamma), sums=(ALL,))
-    stats, _, _ = _stats(spec, z, z, alpha, None, TileAux(excl=self_idx, col_offset=off), backend,
-                         group)
+    # x_pos_i = -|z_i - z_pos(i)|^gamma / T from the difference (math.md 7.2), inside the tile
+    # Function: its gradient meets the tiles' in fp32 and is rounded to a 16-bit dtype once
+    single = _world(group) == 1
+    stats, _, x_pos = _stats(spec, z, z, alpha, None, TileAux(excl=self_idx, col_offset=off),
+                             backend, group, _partner(z1) if single else None)
     log_eps = math.log(eps)
     # log(clamp(neg, min=eps) + eps)
     log_den = torch.logaddexp(stats[0].clamp_min(log_eps), torch.full_like(stats[0], log_eps))
-    dt = stats.dtype
-    x_pos = -alpha * (z1.to(dt) - z2.to(dt)).norm(dim=1).pow(gamma)  # from the difference
-    return _reduce(log_den - x_pos.repeat(2), reduction, _global_count(z.shape[0], group), group)
+    if not single:
+        dt = stats.dtype
+        x_pos = (-alpha * (z1.to(dt) - z2.to(dt)).norm(dim=1).pow(gamma)).repeat(2)
+    return _reduce(log_den - x_pos, reduction, _global_count(z.shape[0], group), group)
 
 
 # ---- SupCon (math.md 4) ----------------------------------------------------------------------

@@ -103,6 +103,12 @@ def _rows(spec, q, i0, i1, a, cdt):
     return qI, (qI * a[i0:i1, None] if spec.logit == "dot" else qI)
 
 
+# A squared distance below 64 unit roundoffs of |q|^2 + |k|^2 is rounding noise of the Gram
+# expansion: the pair is a duplicate, d2 = 0, and the gradient of D^gamma there is its
+# subgradient 0 (csrc/tile_math.h dist2 has the derivation; every backend uses these values)
+DIST2_EPS = {torch.float32: 2.0**-18, torch.float64: 2.0**-47}
+
+
 def _logits(spec, qaI, kJ, aI, bias, nqI, nkJ):
     """x [BR, BC] in the compute dtype and, for distance logits, the squared distance."""
     if spec.logit == "dot":
@@ -111,7 +117,9 @@ def _logits(spec, qaI, kJ, aI, bias, nqI, nkJ):
             x += bias
         return x, None
     dot = qaI @ kJ.T  # [BR, D] @ [D, BC]
-    d2 = (nqI[:, None] + nkJ[None, :] - 2.0 * dot).clamp_min_(0.0)
+    scale = nqI[:, None] + nkJ[None, :]
+    d2 = scale - 2.0 * dot
+    d2 = d2.masked_fill_(d2 <= scale.mul_(DIST2_EPS[d2.dtype]), 0.0)  # NaN stays NaN
     base = d2 if spec.gamma == 2.0 else d2.pow(spec.gamma / 2.0)
     return base * (-aI[:, None]), d2
 
@@ -374,8 +382,10 @@ def backward(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, g_stat
             else:
                 # x = -a d2^(g/2): dL/dd2 = -a (g/2) d2^(g/2-1) G ; H = -2 dL/dd2 (math.md 1.4)
                 gx[i0:i1] += (G * x).sum(1)
+                # gamma != 2: a duplicate (d2 = 0, see DIST2_EPS) gets the subgradient 0
                 fac = 2.0 * aI[:, None] if spec.gamma == 2.0 else (
-                    aI[:, None] * spec.gamma * inner.clamp_min(1e-30).pow(spec.gamma / 2.0 - 1.0))
+                    aI[:, None] * spec.gamma * torch.where(
+                        inner == 0, 0.0, inner.pow(spec.gamma / 2.0 - 1.0)))
                 H = G * fac
                 dq[i0:i1] += H @ kJ - H.sum(1)[:, None] * qI  # [BR, BC] @ [BC, D]
                 dk[j0:j1] += H.T @ qI - H.sum(0)[:, None] * kJ  # [BC, BR] @ [BR, D]

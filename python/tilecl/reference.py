@@ -264,10 +264,15 @@ def cclk_loss(z1, z2, weight_x, weight_y, *, temperature=0.5, mode="hardneg", re
 
 def kernel_info_nce(z1, z2, *, temperature=0.5, gamma=2.0, eps=1e-6, reduction="mean"):
     """[7.1] Kernel-InfoNCE gamma_loss: logits -||x_i - x_j||^gamma / T, positive in the
-    denominator, neg = clamp(sum_{j != i} e^x, min=eps), -log(pos / (neg + eps)), mean over 2B."""
+    denominator, neg = clamp(sum_{j != i} e^x, min=eps), -log(pos / (neg + eps)), mean over 2B.
+
+    Distances from the differences (cdist's exact mode; its default switches to the Gram
+    expansion above 25 rows): a duplicate pair is at distance exactly 0, where cdist's gradient
+    is the subgradient 0, for every gamma."""
     out = torch.cat([z1, z2])
     b2 = out.shape[0]
-    sim = torch.exp(-torch.cdist(out, out).pow(gamma) / temperature)
+    dist = torch.cdist(out, out, compute_mode="donot_use_mm_for_euclid_dist")
+    sim = torch.exp(-dist.pow(gamma) / temperature)
     neg = torch.clamp(sim.sum(1) - torch.diagonal(sim), min=eps)
     pos = torch.exp(-(z1 - z2).norm(dim=1).pow(gamma) / temperature).repeat(2)
     rows = -torch.log(pos / (neg + eps))
