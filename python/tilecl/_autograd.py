@@ -59,17 +59,18 @@ class TileStatsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_stats, g_col, g_pos, _g_top_vals, _g_top_idx):
+        # before ctx.saved_tensors, whose version check would hide the reason
+        if ctx.fused_dq and getattr(ctx, "dq_taken", False):
+            raise RuntimeError(
+                "tilecl: this SigLIP loss ran the triton backend's fused forward, whose saved "
+                "buffer becomes dq in place, so its backward runs once; set "
+                "TILECL_TRITON_SIGLIP_FUSED=0 to backpropagate twice (retain_graph=True)")
         refuse_double_backward(ctx.backend, ctx.saved_tensors, (g_stats, g_col, g_pos))
         with autocast_off(ctx.saved_tensors[0].device):  # a backward called under autocast
             return TileStatsFunction._backward(ctx, g_stats, g_col, g_pos)
 
     @staticmethod
     def _backward(ctx, g_stats, g_col, g_pos):
-        if ctx.fused_dq and getattr(ctx, "dq_taken", False):
-            raise RuntimeError(
-                "tilecl: this SigLIP loss ran the triton backend's fused forward, whose saved "
-                "buffer becomes dq in place, so its backward runs once; set "
-                "TILECL_TRITON_SIGLIP_FUSED=0 to backpropagate twice (retain_graph=True)")
         q, k, alpha, bias, stats, col, *saved_dq = ctx.saved_tensors
         k = q if ctx.single_set else k
         spec = ctx.spec
