@@ -1,5 +1,5 @@
 // tile_math.h: the per-element math of the tile template, shared by the CPU (OpenMP) and the CUDA
-// kernels so that the CPU tests exercise exactly what the GPU executes (DESIGN.md, math.md 1, 2, 9).
+// kernels so that the CPU tests exercise exactly what the GPU executes (docs/math.md 1, 2, 9).
 //
 // No torch, no host-only headers under NVRTC: this file compiles with g++/clang++, nvcc and NVRTC.
 // Everything here is a pure function of scalars; the kernels own the loops and the memory.

@@ -178,7 +178,7 @@ def test_native_cpu_matches_torch(case, n, d, dt):
         return
     # fp32: everything to 1e-5 of the torch backend, except dL/dalpha, a sum over N x M terms that
     # cancel (softmax rows): there both fp32 backends are ~1e-5 off the float64 truth, so the
-    # criterion is native's error against float64 <= 2x the torch backend's own (STYLE.md 9).
+    # criterion is native's error against float64 <= 2x the torch backend's own (the README's tolerance).
     i_da = NAMES.index("dalpha")
     assert_match(got[:i_da] + got[i_da + 1:], want[:i_da] + want[i_da + 1:], rtol, f"{case} N{n} D{d}",
                  NAMES[:i_da] + NAMES[i_da + 1:])

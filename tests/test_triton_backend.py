@@ -595,7 +595,7 @@ def test_gpu_loss_paths_bf16(monkeypatch, name):
 
 @pytest.mark.parametrize("name", ["clip", "nt_xent", "siglip", "supcon"])
 def test_torch_compile_traces_public_loss_without_graph_breaks(name):
-    """Issue 3 item 6: a public loss on the triton backend compiles with fullgraph=True (custom
+    """A public loss on the triton backend compiles with fullgraph=True (custom
     ops with fake implementations, backend resolution constant-folded) and matches eager."""
     import tilecl
 
