@@ -52,6 +52,32 @@ BACKEND_CASES = [
 BACKEND_RUNS = {"native": (torch.float64, (2, 3), TOL), "triton": (torch.float32, (2,), 5e-5)}
 BACKEND, DTYPE = "torch", torch.float64  # what the ring runs in this worker (set by _worker)
 
+# One 2-rank launch ("scalars"): the logit scale / temperature / bias as a float, a 0-dim tensor
+# without grad and a tensor with grad through every ring backend, and scalar options that differ
+# across ranks (each must raise the same error on every rank) or agree up to float noise.
+SCALAR_BACKENDS = {"torch": (torch.float64, TOL), "native": (torch.float64, TOL),
+                   "triton": (torch.float32, 5e-5)}
+SCALAR_KINDS = [f"{loss}_{kind}" for loss in ("info_nce", "clip_loss", "siglip")
+                for kind in ("float", "tensor", "grad")]
+# case -> (option named in the error, its repr on rank 0 and on rank 1)
+OPTION_CASES = {
+    "temperature": ("logit scale", "10.0", "5.0"),
+    "clip_scale": ("logit scale", "10.0", "15.0"),
+    "siglip_bias": ("logit_bias", "-1.0", "-2.0"),
+    "label_smoothing": ("label_smoothing", "0.0", "0.1"),
+    "fn_margin": ("false_negative_margin", "None", "0.1"),
+    "reduction": ("reduction", "'mean'", "'none'"),
+    "convention": ("convention", "'pytorch'", "'simclr_tf'"),
+    "tau_plus": ("tau_plus", "0.1", "0.2"),
+    "beta": ("beta", "1.0", "2.0"),
+    "gamma": ("gamma", "2.0", "1.5"),
+    "base_temperature": ("base_temperature", "0.07", "0.1"),
+    "contrast_mode": ("contrast_mode", "'all'", "'one'"),
+    "dcl_sigma": ("sigma", "0.5", "0.25"),
+    "uniformity_t": ("logit scale", "2.0", "3.0"),
+    "matryoshka_weights": ("weights", "(0.5, 1.0)", "(0.25, 1.0)"),  # in the order of dims
+}
+
 
 # ---- worker side ------------------------------------------------------------------------------
 
@@ -513,6 +539,123 @@ def _mismatch(name, c: _Ctx):
     return {"raised": 1.0}
 
 
+def _scalar_kind(name, c: _Ctx):
+    """The scale (and SigLIP bias) as a float, a 0-dim tensor without grad, or a tensor with
+    grad, against the reference of the global batch (same value, same kind)."""
+    import tilecl
+
+    loss, kind = name.rsplit("_", 1)
+    sizes = SIZES[c.world]
+    sl = _slices(sizes)[c.rank]
+    n = sum(sizes)
+    ins, isl = {"query": _gen(1, n, D), "key": _gen(2, n, D)}, {"query": sl, "key": sl}
+    ring = dict(backend=BACKEND, group=c.group)
+    fn = {"info_nce": lambda q, k, s, **kw: tilecl.info_nce(q, k, temperature=s, **kw),
+          "clip_loss": lambda q, k, s, **kw: tilecl.clip_loss(q, k, s, **kw),
+          "siglip": lambda q, k, s, b=-1.5, **kw: tilecl.siglip_loss(q, k, s, b, **kw)}[loss]
+    value = {"info_nce": 0.3, "clip_loss": 4.0, "siglip": 2.0}[loss]
+    if kind == "grad":
+        ps = {"s": _p(value)} if loss != "siglip" else {"s": _p(value), "b": _p(-1.5)}
+        return c.compare(lambda query, key, **p: fn(query, key, **p, backend="reference"),
+                         lambda query, key, **p: fn(query, key, **p, **ring), ins, isl, ps)
+    ref_s, ring_s = (value, value) if kind == "float" else (_p(value), _p(value).to(DTYPE))
+    extra = {} if loss != "siglip" else (
+        {"b": -1.5} if kind == "float" else {"b": _p(-1.5)})
+    ring_extra = {k: v.to(DTYPE) if torch.is_tensor(v) else v for k, v in extra.items()}
+    return c.compare(lambda query, key: fn(query, key, ref_s, **extra, backend="reference"),
+                     lambda query, key: fn(query, key, ring_s, **ring_extra, **ring), ins, isl)
+
+
+def _option_case(name, c: _Ctx):
+    """Rank 1 passes another value of one option: every rank must raise the same error."""
+    import torch.nn.functional as F
+
+    import tilecl
+
+    r, g = c.rank, dict(backend="torch", group=c.group)
+    z1, z2 = F.normalize(_gen(1, 3, D), dim=1), F.normalize(_gen(2, 3, D), dim=1)
+    calls = {
+        "temperature": lambda: tilecl.info_nce(z1, z2, temperature=0.1 * (1 + r), **g),
+        "clip_scale": lambda: tilecl.clip_loss(z1, z2, 10.0 + 5 * r, **g),
+        "siglip_bias": lambda: tilecl.siglip_loss(z1, z2, 10.0, _p(-1.0 - r), **g),
+        "label_smoothing": lambda: tilecl.info_nce(z1, z2, temperature=0.1, symmetric=True,
+                                                   label_smoothing=0.1 * r, **g),
+        "fn_margin": lambda: tilecl.info_nce(z1, z2, temperature=0.1,
+                                             false_negative_margin=0.1 if r else None, **g),
+        "reduction": lambda: tilecl.info_nce(z1, z2, temperature=0.1,
+                                             reduction="none" if r else "mean", **g),
+        "convention": lambda: tilecl.nt_xent(z1, z2, convention="simclr_tf" if r else "pytorch",
+                                             **g),
+        "tau_plus": lambda: tilecl.debiased_loss(z1, z2, tau_plus=0.1 * (1 + r), **g),
+        "beta": lambda: tilecl.hcl_loss(z1, z2, beta=1.0 + r, **g),
+        "gamma": lambda: tilecl.kernel_info_nce(z1, z2, gamma=1.5 if r else 2.0, **g),
+        "base_temperature": lambda: tilecl.supcon(torch.stack([z1, z2], 1), temperature=0.1,
+                                                  base_temperature=0.1 if r else 0.07, **g),
+        "contrast_mode": lambda: tilecl.supcon(torch.stack([z1, z2], 1),
+                                               contrast_mode="one" if r else "all", **g),
+        "dcl_sigma": lambda: tilecl.dcl_loss(z1, z2, weighted=True, sigma=0.5 / (1 + r), **g),
+        "uniformity_t": lambda: tilecl.uniformity_loss(z1, t=2.0 + r, **g),
+        "matryoshka_weights": lambda: tilecl.matryoshka_info_nce(
+            z1, z2, dims=(D, 3), weights=(1.0, 0.5 / (1 + r)), temperature=0.1, **g),
+    }
+    try:
+        calls[name]()
+    except (RuntimeError, ValueError) as exc:
+        return {"message": str(exc)}
+    except Exception as exc:  # anything else is a failure of the case
+        return {"message": "", "error": f"{type(exc).__name__}: {exc}"}
+    return {"message": ""}
+
+
+def _options_agree(c: _Ctx):
+    """Options equal up to float noise (1e-9 relative) and per-anchor temperatures that differ
+    across ranks pass, with the reference's loss."""
+    import tilecl
+
+    r, sizes = c.rank, SIZES[c.world]
+    n, sl = sum(sizes), _slices(sizes)[c.rank]
+    q, k = _gen(1, n, D), _gen(2, n, D)
+    tau = 0.3 * (1 + 1e-9 * r)
+    per_row = 0.2 + _gen(3, n).abs()
+    g = dict(backend="torch", group=c.group)
+    out = {}
+    got = tilecl.info_nce(q[sl], k[sl], temperature=tau, label_smoothing=0.1 * (1 + 1e-12 * r),
+                          **g)
+    ref = tilecl.info_nce(q, k, temperature=0.3, label_smoothing=0.1, backend="reference")
+    out["noise_rel"] = abs(float(got) - float(ref)) / abs(float(ref))  # tau 1e-9 rel. off
+    got = tilecl.info_nce(q[sl], k[sl], temperature=per_row[sl], **g)
+    ref = tilecl.info_nce(q, k, temperature=per_row, backend="reference")
+    out["per_row"] = abs(float(got) - float(ref))
+    return out
+
+
+def _scalars(c: _Ctx):
+    """Everything of the "scalars" launch: option mismatches (torch), then every backend."""
+    from tilecl._backends import unavailable_reason
+
+    global BACKEND, DTYPE
+    results = {}
+    for name in OPTION_CASES:
+        results["option/" + name] = _option_case(name, c)
+    BACKEND, DTYPE = "torch", torch.float64
+    try:
+        results["options_agree"] = _options_agree(c)
+    except Exception as exc:
+        results["options_agree"] = {"error": f"{type(exc).__name__}: {exc}"}
+    for backend, (dtype, _) in SCALAR_BACKENDS.items():
+        why = unavailable_reason(backend, torch.device("cpu"))
+        if why is not None:
+            results[backend] = {"unavailable": why}
+            continue
+        BACKEND, DTYPE = backend, dtype
+        for name in SCALAR_KINDS:
+            try:
+                results[f"{backend}/{name}"] = _scalar_kind(name, c)
+            except Exception as exc:  # recorded, reported by the test of this backend
+                results[f"{backend}/{name}"] = {"error": f"{type(exc).__name__}: {exc}"}
+    return results
+
+
 def _dead_rank(rank, world, out_dir):
     """The last rank dies before the loss call: the others must raise, not hang."""
     import torch.distributed as dist
@@ -553,6 +696,8 @@ def _worker(rank, world, rdv, out_dir, mode="cases"):
     group = dist.new_group(list(range(world))) if world >= 3 else dist.group.WORLD
     c = _Ctx(rank, world, group)
     results = {}
+    if mode == "scalars":
+        names, results = [], _scalars(c)
     for name in names:
         try:
             results[name] = _case(name, c)
@@ -677,6 +822,61 @@ def test_dead_rank_raises(tmp_path):
     (res,) = _launch(2, str(tmp_path), mode="dead", ranks=[0])
     assert res["raised"] == 0.0, res
     assert res["seconds"] < 30, res
+
+
+@pytest.fixture(scope="module")
+def scalar_results(tmp_path_factory):
+    cache = {}
+
+    def get():
+        if not cache:
+            cache["r"] = _launch(2, str(tmp_path_factory.mktemp("ring_scalars")), mode="scalars")
+        return cache["r"]
+
+    return get
+
+
+@pytest.mark.parametrize("backend", list(SCALAR_BACKENDS))
+def test_ring_scale_kinds(backend, scalar_results):
+    """A float, a 0-dim tensor without grad and a tensor with grad as the temperature / logit
+    scale (and SigLIP bias) through the ring: loss and gradients of every rank vs the reference."""
+    per_rank = scalar_results()
+    why = per_rank[0].get(backend, {}).get("unavailable")
+    if why is not None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{backend} cannot run under CI: {why}")
+        pytest.skip(f"{backend} cannot run on this CPU: {why}")
+    tol = SCALAR_BACKENDS[backend][1]
+    for rank, res in enumerate(per_rank):
+        for name in SCALAR_KINDS:
+            got = res.get(f"{backend}/{name}")
+            assert got is not None, f"rank {rank}: {backend}/{name} did not run"
+            assert "error" not in got, f"rank {rank}: {name}: {got['error']}"
+            bad = {k: v for k, v in got.items() if not v <= tol}
+            assert not bad, f"rank {rank}: {name}: errors above {tol}: {bad}"
+
+
+@pytest.mark.parametrize("case", list(OPTION_CASES))
+def test_ring_option_mismatch(case, scalar_results):
+    """A scalar option that differs across ranks: the same error on every rank, naming the
+    option and each rank's value (instead of one silently mixed loss)."""
+    field, v0, v1 = OPTION_CASES[case]
+    results = [res["option/" + case] for res in scalar_results()]
+    assert all("error" not in r for r in results), f"{case}: {results}"
+    msgs = [r["message"] for r in results]
+    assert msgs[0], f"{case}: no error was raised"
+    assert all(m == msgs[0] for m in msgs), f"{case}: the ranks raised different errors: {msgs}"
+    assert field in msgs[0] and f"rank 0={v0}" in msgs[0] and f"rank 1={v1}" in msgs[0], msgs[0]
+
+
+def test_ring_options_agree(scalar_results):
+    """Options equal up to float noise, and per-anchor temperatures (one per row, different on
+    each rank), pass the handshake and give the reference's loss."""
+    for rank, res in enumerate(scalar_results()):
+        got = res["options_agree"]
+        assert "error" not in got, f"rank {rank}: {got['error']}"
+        tols = {"noise_rel": 1e-7, "per_row": TOL}
+        assert all(got[k] <= t for k, t in tols.items()), f"rank {rank}: {got}"
 
 
 @pytest.mark.parametrize("case", DIRECT)

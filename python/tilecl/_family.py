@@ -30,15 +30,17 @@ def _world(group) -> int:
     return dist.get_world_size(group)
 
 
-def _stats(spec, q, k, alpha, bias, aux, backend, group, pos=None):
+def _stats(spec, q, k, alpha, bias, aux, backend, group, pos=None, options=None):
     """(stats, col_lse, s_pos) of the local rows against the (global) columns; s_pos_i =
     alpha_i <q_i, k_pos(i)> for a LOCAL positive column pos (None: empty); with spec.topk a
-    fourth element, the rows' hardest negatives (vals, global idx)."""
+    fourth element, the rows' hardest negatives (vals, global idx). options: the loss's scalar
+    options, checked across ranks by the ring's handshake (the first sweep of a loss passes
+    them, before any epilogue collective that they would change)."""
     if _world(group) > 1:
         from . import distributed
 
         stats, col, *top = distributed.ring_tile_stats(spec, q, k, alpha, bias, aux, backend,
-                                                       group)
+                                                       group, options)
         s_pos = alpha * _dot(q, k[pos]) if pos is not None else None
         return (stats, col, s_pos, *top)
     return tile_stats(spec, q, k, alpha, bias, aux, backend, pos)
@@ -100,9 +102,10 @@ def _global_mean(t, group):
 
 def info_nce(query, key, alpha, positive_index, symmetric, reduction, backend, group,
              label_smoothing=0.0, key_ids=None, hard_negatives=None, query_negatives=False,
-             key_negatives=False, fn_margin=None, fn_ratio=None, topk=0):
+             key_negatives=False, fn_margin=None, fn_ratio=None, topk=0, options=None):
     """The loss rows (reduced), and with topk > 0 also (similarity [N, topk], global key
-    index [N, topk]) of each row's hardest in-batch negatives, streamed by the same forward."""
+    index [N, topk]) of each row's hardest in-batch negatives, streamed by the same forward.
+    options: the public scalar options, checked across ranks under the ring (see _stats)."""
     query, key = _up(backend, group, query, key)
     n = query.shape[0]
     off = _col_offset(key.shape[0], group)
@@ -123,7 +126,8 @@ def info_nce(query, key, alpha, positive_index, symmetric, reduction, backend, g
             a = alpha.detach()
             sp = a * _dot(query, key[pos])
             aux.thresh = sp + a * fn_margin if fn_margin is not None else fn_ratio * sp
-    stats, col, s_pos, *top = _stats(spec, query, key, alpha, None, aux, backend, group, pos)
+    stats, col, s_pos, *top = _stats(spec, query, key, alpha, None, aux, backend, group, pos,
+                                     options)
     dt = stats.dtype
     lse = stats[0] if key_ids is None else torch.logaddexp(stats[0], s_pos)
     extra = None
@@ -168,7 +172,8 @@ def info_nce(query, key, alpha, positive_index, symmetric, reduction, backend, g
     return loss, (vals / (a[:, None] if a.dim() else a), idx)  # logits back to similarities
 
 
-def siglip(image, text, alpha, bias, labels, text_labels, reduction, backend, group):
+def siglip(image, text, alpha, bias, labels, text_labels, reduction, backend, group,
+           options=None):
     image, text = _up(backend, group, image, text)
     n = image.shape[0]
     off = _col_offset(text.shape[0], group)
@@ -178,7 +183,7 @@ def siglip(image, text, alpha, bias, labels, text_labels, reduction, backend, gr
         tl = labels if text_labels is None else text_labels
         spec, aux = TileSpec(positive="label", sigmoid=True), TileAux(labels_q=labels, labels_k=tl)
     aux.col_offset = off
-    stats, _, _ = _stats(spec, image, text, alpha, bias, aux, backend, group)
+    stats, _, _ = _stats(spec, image, text, alpha, bias, aux, backend, group, options=options)
     return _reduce(stats[spec.i_sig], reduction, _global_count(n, group), group)
 
 
@@ -201,11 +206,11 @@ def _two_view(z1, z2, group, backend):
     return z, self_idx, pos, off
 
 
-def nt_xent(z1, z2, alpha, convention, reduction, backend, group):
+def nt_xent(z1, z2, alpha, convention, reduction, backend, group, options=None):
     z, self_idx, pos, off = _two_view(z1, z2, group, backend)
     spec = TileSpec(sums=(ALL,))
     stats, _, s_pos = _stats(spec, z, z, alpha, None, TileAux(excl=self_idx, col_offset=off),
-                             backend, group, _partner(z1))
+                             backend, group, _partner(z1), options)
     rows = stats[0] - s_pos
     denom = _global_count(z.shape[0], group)
     return _reduce(rows, reduction, denom // 2 if convention == "simclr_tf" else denom, group)
@@ -219,11 +224,11 @@ def _global_count(n_local, group):
     return n_local
 
 
-def dcl(z1, z2, alpha, weighted, sigma, reduction, backend, group):
+def dcl(z1, z2, alpha, weighted, sigma, reduction, backend, group, options=None):
     z, self_idx, pos, off = _two_view(z1, z2, group, backend)
     spec = TileSpec(positive="index", sums=(NEG,))
     aux = TileAux(excl=self_idx, pos=pos, col_offset=off)
-    stats, _, s_pos = _stats(spec, z, z, alpha, None, aux, backend, group, _partner(z1))
+    stats, _, s_pos = _stats(spec, z, z, alpha, None, aux, backend, group, _partner(z1), options)
     w = torch.ones_like(s_pos)
     if weighted:  # DCLW: w_i = 2 - B softmax_k(<z_k, z'_k> / sigma)_i, detached (math.md 8.1)
         u = _dot(z1, z2).detach() / sigma
@@ -231,13 +236,13 @@ def dcl(z1, z2, alpha, weighted, sigma, reduction, backend, group):
     return _reduce(stats[0] - w * s_pos, reduction, _global_count(z.shape[0], group), group)
 
 
-def hard_negative(z1, z2, alpha, tau_plus, beta, reduction, backend, group):
+def hard_negative(z1, z2, alpha, tau_plus, beta, reduction, backend, group, options=None):
     """HCL (beta > 0, math.md 8.2) and debiased (beta = 0, 8.3), in log space."""
     z, self_idx, pos, off = _two_view(z1, z2, group, backend)
     sums = (SumSpec("neg", 1.0 + beta), SumSpec("neg", beta)) if beta > 0 else (NEG,)
     spec = TileSpec(positive="index", sums=sums)
     aux = TileAux(excl=self_idx, pos=pos, col_offset=off)
-    stats, _, s_pos = _stats(spec, z, z, alpha, None, aux, backend, group, _partner(z1))
+    stats, _, s_pos = _stats(spec, z, z, alpha, None, aux, backend, group, _partner(z1), options)
     n2 = _global_count(z.shape[0], group)
     n_neg = n2 - 2
     # log reweight_i = log(sum_j imp_ij neg_ij / mean_j imp_ij) = log N_n + lseA - lseB
@@ -254,7 +259,7 @@ def hard_negative(z1, z2, alpha, tau_plus, beta, reduction, backend, group):
     return _reduce(rows, reduction, n2, group)
 
 
-def kernel_info_nce(z1, z2, alpha, gamma, eps, reduction, backend, group):
+def kernel_info_nce(z1, z2, alpha, gamma, eps, reduction, backend, group, options=None):
     """math.md 7.2: x_ij = -||z_i - z_j||^gamma / T, self excluded, eps as in gamma_loss."""
     z, self_idx, _, off = _two_view(z1, z2, group, backend)
     spec = TileSpec(logit="dist", gamma=float(gamma), sums=(ALL,))
@@ -262,7 +267,8 @@ def kernel_info_nce(z1, z2, alpha, gamma, eps, reduction, backend, group):
     # Function: its gradient meets the tiles' in fp32 and is rounded to a 16-bit dtype once
     single = _world(group) == 1
     stats, _, x_pos = _stats(spec, z, z, alpha, None, TileAux(excl=self_idx, col_offset=off),
-                             backend, group, _partner(z1) if single else None)
+                             backend, group, _partner(z1) if single else None,
+                             options=options)
     log_eps = math.log(eps)
     # log(clamp(neg, min=eps) + eps)
     log_den = torch.logaddexp(stats[0].clamp_min(log_eps), torch.full_like(stats[0], log_eps))
@@ -274,7 +280,8 @@ def kernel_info_nce(z1, z2, alpha, gamma, eps, reduction, backend, group):
 
 # ---- SupCon (math.md 4) ----------------------------------------------------------------------
 
-def supcon(features, labels, alpha, factor, contrast_mode, variant, reduction, backend, group):
+def supcon(features, labels, alpha, factor, contrast_mode, variant, reduction, backend, group,
+           options=None):
     bsz, views = features.shape[:2]
     z = _up(backend, group, torch.cat(torch.unbind(features, 1)))  # [V*B, D], view-major
     off = _col_offset(z.shape[0], group)
@@ -283,7 +290,7 @@ def supcon(features, labels, alpha, factor, contrast_mode, variant, reduction, b
     sums = (ALL,) if variant == "out" else (ALL, POS)
     spec = TileSpec(positive="label", sums=sums, lin=variant == "out")
     aux = TileAux(excl=_arange(a, z, off), labels_q=lab[:a], labels_k=lab, col_offset=off)
-    stats, _, _ = _stats(spec, z[:a], z, alpha, None, aux, backend, group)
+    stats, _, _ = _stats(spec, z[:a], z, alpha, None, aux, backend, group, options=options)
     if variant == "out":
         cnt = stats[spec.i_cnt].detach()
         rows = stats[0] - stats[spec.i_lin] / cnt.clamp_min(1)
@@ -308,7 +315,7 @@ def _label_count(labels_q, labels_k, group):
 
 # ---- CCL-K (math.md 5) ----------------------------------------------------------------------
 
-def cclk(z1, z2, alpha, weights, factors, mode, reduction, backend, group):
+def cclk(z1, z2, alpha, weights, factors, mode, reduction, backend, group, options=None):
     """Per direction: rows z_a vs columns [z_b; z_a], self excluded, weight w_ij = W_{j mod B, i}.
 
     The positive column carries W_ii = 0, so the weighted sum runs over "neg" columns, which is
@@ -334,7 +341,8 @@ def cclk(z1, z2, alpha, weights, factors, mode, reduction, backend, group):
             fa, fb = factors[d]
             aux = TileAux(wa=fa, wb=torch.cat([fb, fb]))
         aux.excl, aux.pos, aux.col_offset = _arange(b, za, off + b), _arange(b, za, off), off
-        stats, _, s_pos = _stats(spec, za, cols, alpha, None, aux, backend, group, _arange(b, za))
+        stats, _, s_pos = _stats(spec, za, cols, alpha, None, aux, backend, group, _arange(b, za),
+                                 options if d == 0 else None)
         if mode == "hardneg":
             log_d = torch.logaddexp(s_pos, math.log(b_all - 1) + stats[0] if b_all > 1 else
                                     torch.full_like(s_pos, float("-inf")))
@@ -367,14 +375,14 @@ def cclk_factors(conditions, lam, group=None):
 
 # ---- uniformity (math.md 6) ---------------------------------------------------------------
 
-def uniformity(x, alpha, backend, group):
+def uniformity(x, alpha, backend, group, options=None):
     """log mean_{i<j} exp(-t |x_i - x_j|^2) = LSE_i(lse_i) - log(N (N - 1))  (math.md 6.3)."""
     n = x.shape[0]
     x = _up(backend, group, x)
     off = _col_offset(n, group)
     spec = TileSpec(logit="dist", gamma=2.0, sums=(ALL,))
     stats, _, _ = _stats(spec, x, x, alpha, None, TileAux(excl=_arange(n, x, off), col_offset=off),
-                      backend, group)
+                      backend, group, options=options)
     lse = stats[0]
     if _world(group) > 1:
         from . import distributed

@@ -20,9 +20,12 @@ Ring (math.md 1.1-1.5, 2.1, 12; DESIGN.md, Distributed)
     per rank: the local shard plus two visiting blocks and two accumulators, independent of W.
 
     Before the ring, every rank all-gathers a small int64 header (rows, columns, D, dtypes, a
-    CRC of the TileSpec, which side data is present, requires_grad flags, column offset) and
-    every rank raises the same RuntimeError if the calls do not match: no hang, no silent
-    wrong result. A rank that dies makes the others fail at the process group's timeout.
+    CRC of the TileSpec, which side data is present, requires_grad flags, column offset, and
+    every scalar option of the call: the 0-dim logit scale, the bias and the loss's own options,
+    numbers as float64 bit patterns, names and strings as a CRC) and every rank raises the same
+    RuntimeError if the calls do not match (numbers: beyond a relative 1e-6), naming the fields
+    and each rank's value: no hang, no silent wrong result. A rank that dies makes the others
+    fail at the process group's timeout.
 
 Global batch and ordering
     Columns (and rows) are concatenated rank by rank: global column ``column_offset(m_r) + j``
@@ -102,6 +105,7 @@ Scaling plan for 8 and 64 GPUs
 
 from __future__ import annotations
 
+import math
 import zlib
 
 import torch
@@ -194,16 +198,72 @@ def all_gather_1d(t: torch.Tensor, group) -> torch.Tensor:
 _FIELDS = ("rows", "columns", "D (key)", "D (query)", "query dtype", "key dtype", "loss spec",
            "alpha dims", "bias", "labels_k", "wb columns", "wb dtype",
            "requires_grad bits (q, k, alpha, bias)",
-           "row side data", "column offset")
-_MUST_MATCH = (2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13)
+           "row side data", "column offset", "options")
+_MUST_MATCH = (2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 15)
+_N_VALUES = 12  # header slots for the numeric options of one call (float64 bits, zero padded)
+_RTOL = 1e-6  # relative tolerance of numeric options across ranks (float noise)
+_SCALE_NAME = "logit scale (logit_scale, t, or 1 / temperature)"
 
 
 def _code(dtype):
     return _DTYPES.get(dtype, zlib.crc32(str(dtype).encode()))
 
 
-def _handshake(ring: Ring, spec: TileSpec, q, k, alpha, bias, aux: TileAux):
-    """Exchange sizes and a header; raise the same clear error on every rank on a mismatch.
+def _is_number(v):
+    return isinstance(v, (bool, int, float))
+
+
+def _call_options(alpha, bias, options):
+    """Every scalar that defines the loss of this call: the logit scale (unless per anchor: one
+    per row legitimately differs across ranks), the bias, and the loss's own options
+    (name -> number, bool, str, tuple or None)."""
+    opts = dict(options or {})
+    if alpha.dim() == 0:
+        opts[_SCALE_NAME] = float(alpha.detach())
+    if bias is not None:
+        opts["logit_bias"] = float(bias.detach())
+    return opts
+
+
+def _pack_options(opts):
+    """(CRC of the names and of the non-numeric values, the numeric values as int64 bit
+    patterns, padded to _N_VALUES), numeric values in name order."""
+    items = sorted(opts.items())
+    nums = [float(v) for _, v in items if _is_number(v)]
+    if len(nums) > _N_VALUES:
+        raise ValueError(f"tilecl ring: at most {_N_VALUES} numeric options per call, got "
+                         f"{len(nums)}")
+    key = repr([(k, "<number>" if _is_number(v) else v) for k, v in items])
+    bits = torch.tensor(nums + [0.0] * (_N_VALUES - len(nums)), dtype=torch.float64)
+    return zlib.crc32(key.encode()), bits.view(torch.int64).tolist()
+
+
+def _close(a, b):
+    return a == b or (math.isnan(a) and math.isnan(b)) or abs(a - b) <= _RTOL * max(abs(a), abs(b))
+
+
+def _option_mismatch(ring: Ring, opts):
+    """Names and per-rank values of the options that differ. Every rank calls this at the
+    same point (the decision comes from the gathered header), so the object all-gather that
+    fetches readable values of every rank cannot hang; it only runs on the error path."""
+    every = [None] * ring.world
+    dist.all_gather_object(every, opts, group=ring.group)
+    parts = []
+    for name in sorted(set().union(*every)):
+        if all(name in o for o in every):
+            vals = [o[name] for o in every]
+            v0 = vals[0]
+            if all(_close(float(v), float(v0)) if _is_number(v) and _is_number(v0) else v == v0
+                   for v in vals):
+                continue
+        shown = [repr(o[name]) if name in o else "(not given)" for o in every]
+        parts.append(f"{name}: " + ", ".join(f"rank {r}={v}" for r, v in enumerate(shown)))
+    return parts or ["options: the ranks disagree"]
+
+
+def _handshake(ring: Ring, spec: TileSpec, q, k, alpha, bias, aux: TileAux, options=None):
+    """Exchange sizes, a header and the call's scalar options in ONE all-gather; raise the same
+    clear error on every rank on a mismatch (numeric options: relative tolerance 1e-6).
 
     Returns (columns per rank, column offsets per rank)."""
     grad = torch.is_grad_enabled()
@@ -211,22 +271,32 @@ def _handshake(ring: Ring, spec: TileSpec, q, k, alpha, bias, aux: TileAux):
                 for i, t in enumerate((q, k, alpha, bias)))
     rowside = sum(int(t is not None) << i
                   for i, t in enumerate((aux.excl, aux.pos, aux.labels_q, aux.weight, aux.wa)))
+    opts = _call_options(alpha, bias, options)
+    names_crc, values = _pack_options(opts)
     header = [q.shape[0], k.shape[0], k.shape[1], q.shape[1], _code(q.dtype), _code(k.dtype),
               zlib.crc32(repr(spec).encode()), alpha.dim(), int(bias is not None),
               int(aux.labels_k is not None), -1 if aux.wb is None else aux.wb.shape[1],
-              0 if aux.wb is None else _code(aux.wb.dtype), flags, rowside, aux.col_offset]
+              0 if aux.wb is None else _code(aux.wb.dtype), flags, rowside, aux.col_offset,
+              names_crc] + values
     table = _gather_ints(header, ring.group)
+    nf = len(_FIELDS)
     bad = [f for f in _MUST_MATCH if bool((table[:, f] != table[0, f]).any())]
     sizes = table[:, 1].tolist()
     offsets = [sum(sizes[:b]) for b in range(ring.world)]
     if not bad and table[:, 14].tolist() != offsets:
         bad = [14]
-    if bad:
-        what = "; ".join(f"{_FIELDS[f]}: " + ", ".join(f"rank {r}={int(table[r, f])}"
-                                                         for r in range(ring.world)) for f in bad)
+    vals = table[:, nf:].contiguous().view(torch.float64).tolist()
+    values_differ = any(not _close(v, v0) for row in vals for v, v0 in zip(row, vals[0]))
+    if bad or values_differ:
+        what = [f"{_FIELDS[f]}: " + ", ".join(f"rank {r}={int(table[r, f])}"
+                                              for r in range(ring.world))
+                for f in bad if f != 15]
+        if values_differ or 15 in bad:
+            what += _option_mismatch(ring, opts)
         raise RuntimeError("tilecl ring: mismatched loss call across ranks (every rank must call "
                            f"the same loss with the same D, dtype, options and requires_grad "
-                           f"pattern, and the column offsets of column_offset()): {what}")
+                           f"pattern, and the column offsets of column_offset()): "
+                           f"{'; '.join(what)}")
     if q.shape[1] != k.shape[1]:
         raise RuntimeError(f"tilecl ring: query D={q.shape[1]} differs from key D={k.shape[1]}")
     return sizes, offsets
@@ -338,10 +408,11 @@ class _RingTileStats(torch.autograd.Function):
                 dq_b, dk, da_b, db_b = impl.backward(
                     spec, q, kb, alpha, bias, aux.with_columns(labels, wb, offsets[b]), stats,
                     colb, g_stats, gcolb, needs)
-                dq += dq_b
-                da += da_b
-                if db_b is not None:
-                    db += db_b
+                # a backend returns None for a gradient nobody asked for (``needs``): a float
+                # or a 0-dim temperature without grad gives no dalpha partial
+                for acc, part in ((dq, dq_b), (da, da_b), (db, db_b)):
+                    if part is not None:
+                        acc.add_(part)
             if send_dk:  # the block's dk accumulator follows it and comes home complete
                 dk = (dk.to(cdt) if dk is not None
                       else torch.zeros(kb.shape[0], k.shape[1], dtype=cdt, device=dev))
@@ -367,7 +438,7 @@ class _RingTileStats(torch.autograd.Function):
 
 
 def ring_tile_stats(spec: TileSpec, q, k, alpha, bias=None, aux: TileAux = None, backend="torch",
-                    group=None):
+                    group=None, options=None):
     """Statistics of the local rows q [N_r, D] against ALL columns (every rank's k [M_r, D]).
 
     aux: row-side fields for the local rows (excl / pos as GLOBAL column indices); labels_k /
@@ -377,10 +448,12 @@ def ring_tile_stats(spec: TileSpec, q, k, alpha, bias=None, aux: TileAux = None,
     ``spec.col_lse``, else an empty tensor) and, with ``spec.topk``, the rows' hardest negatives
     over all ranks' columns (vals, global idx; see ``_spec.py``). Differentiable in q, k, alpha
     and bias; every rank must call it (and its backward) with matching arguments.
+    options: the loss's scalar options outside the TileSpec (name -> number, bool, str, tuple
+    or None; the public argument names), checked across ranks with a 0-dim alpha and the bias.
     """
     aux = aux or TileAux()
     ring = Ring(group)
-    sizes, offsets = _handshake(ring, spec, q, k, alpha, bias, aux)
+    sizes, offsets = _handshake(ring, spec, q, k, alpha, bias, aux, options)
     stats, col, top_vals, top_idx = _RingTileStats.apply(q, k, alpha, bias, spec, aux, backend,
                                                          ring, sizes, offsets)
     return (stats, col) if not spec.topk else (stats, col, (top_vals, top_idx))

@@ -258,10 +258,15 @@ def info_nce(query: Tensor, key: Tensor, *, temperature: Optional[Scale] = None,
                                  false_negative_ratio=false_negative_ratio, reduction=reduction,
                                  topk_negatives=topk_negatives)
     else:
+        opts = dict(symmetric=bool(symmetric), label_smoothing=float(label_smoothing),
+                    query_negatives=bool(query_negatives), key_negatives=bool(key_negatives),
+                    false_negative_margin=false_negative_margin,
+                    false_negative_ratio=false_negative_ratio, topk_negatives=topk_negatives,
+                    reduction=reduction)
         out = _family.info_nce(query, key, alpha, positive_index, symmetric, reduction, name, group,
                                float(label_smoothing), key_ids, hard_negatives,
                                bool(query_negatives), bool(key_negatives), false_negative_margin,
-                               false_negative_ratio, topk_negatives)
+                               false_negative_ratio, topk_negatives, opts)
     return out if not topk_negatives else InfoNCEOutput(out[0], HardNegatives(*out[1]))
 
 
@@ -324,11 +329,17 @@ def matryoshka_info_nce(query: Tensor, key: Tensor, dims: Sequence[int], *,
     import torch.nn.functional as F
 
     total = 0.0
-    for dp, w in zip(dims, weights):
-        total = total + w * info_nce(F.normalize(query[:, :dp], dim=1), F.normalize(key[:, :dp], dim=1),
-                                     logit_scale=alpha, positive_index=positive_index,
-                                     symmetric=symmetric, reduction=reduction, backend=name,
-                                     group=group)
+    for i, (dp, w) in enumerate(zip(dims, weights)):
+        qp, kp = F.normalize(query[:, :dp], dim=1), F.normalize(key[:, :dp], dim=1)
+        if name == "reference":
+            part = info_nce(qp, kp, logit_scale=alpha, positive_index=positive_index,
+                            symmetric=symmetric, reduction=reduction, backend=name, group=group)
+        else:  # the first prefix's sweep checks every option across ranks
+            opts = dict(dims=tuple(dims), weights=tuple(weights), symmetric=bool(symmetric),
+                        reduction=reduction) if i == 0 else None
+            part = _family.info_nce(qp, kp, alpha, positive_index, symmetric, reduction, name,
+                                    group, options=opts)
+        total = total + w * part
     return total
 
 
@@ -412,7 +423,7 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Scal
         return reference.siglip_loss(image_features, text_features, alpha, bias, labels=labels,
                                      text_labels=text_labels, reduction=reduction)
     return _family.siglip(image_features, text_features, alpha, bias, labels, text_labels,
-                          reduction, name, group)
+                          reduction, name, group, dict(reduction=reduction))
 
 
 def _two_views(z1, z2, min_rows=1, group=None):
@@ -452,7 +463,8 @@ def nt_xent(z1: Tensor, z2: Tensor, *, temperature: Scale = 0.5, convention: str
     if name == "reference":
         return reference.nt_xent(z1, z2, temperature=1 / alpha, convention=convention,
                                  reduction=reduction)
-    return _family.nt_xent(z1, z2, alpha, convention, reduction, name, group)
+    return _family.nt_xent(z1, z2, alpha, convention, reduction, name, group,
+                           dict(convention=convention, reduction=reduction))
 
 
 @C.autocast_rule
@@ -502,8 +514,11 @@ def supcon(features: Tensor, labels: Optional[Tensor] = None, *, temperature: Sc
                                 contrast_mode=contrast_mode, variant=variant, scale=kind,
                                 reduction=reduction)
     factor = {"base": tau / base, "tau": tau, "none": 1.0}[kind]
+    opts = dict(contrast_mode=contrast_mode, variant=variant, scale=kind, reduction=reduction)
+    if kind == "base":
+        opts.update(base_temperature=base)
     return _family.supcon(features, labels, 1.0 / tau, factor, contrast_mode, variant, reduction,
-                          name, group)
+                          name, group, opts)
 
 
 def _normalized(z1, z2, normalize):
@@ -547,7 +562,10 @@ def dcl_loss(z1: Tensor, z2: Tensor, *, temperature: Scale = 0.1, weighted: bool
     if name == "reference":
         return reference.dcl_loss(z1, z2, temperature=1 / alpha, weighted=weighted, sigma=sigma,
                                   reduction=reduction)
-    return _family.dcl(z1, z2, alpha, weighted, sigma, reduction, name, group)
+    opts = dict(weighted=bool(weighted), normalize=bool(normalize), reduction=reduction)
+    if weighted:
+        opts.update(sigma=sigma)
+    return _family.dcl(z1, z2, alpha, weighted, sigma, reduction, name, group, opts)
 
 
 def _tau_plus(tau_plus):
@@ -618,7 +636,8 @@ def _hard_negative(z1, z2, alpha, tau_plus, beta, reduction, backend, group):
                                       reduction=reduction)
         return reference.debiased_loss(z1, z2, temperature=1 / alpha, tau_plus=tau_plus,
                                        reduction=reduction)
-    return _family.hard_negative(z1, z2, alpha, tau_plus, beta, reduction, name, group)
+    return _family.hard_negative(z1, z2, alpha, tau_plus, beta, reduction, name, group,
+                                 dict(tau_plus=tau_plus, beta=beta, reduction=reduction))
 
 
 @C.autocast_rule
@@ -650,7 +669,8 @@ def kernel_info_nce(z1: Tensor, z2: Tensor, *, temperature: Scale = 0.5, gamma: 
     if name == "reference":
         return reference.kernel_info_nce(z1, z2, temperature=1 / alpha, gamma=gamma, eps=eps,
                                          reduction=reduction)
-    return _family.kernel_info_nce(z1, z2, alpha, gamma, eps, reduction, name, group)
+    return _family.kernel_info_nce(z1, z2, alpha, gamma, eps, reduction, name, group,
+                                   dict(gamma=gamma, eps=eps, reduction=reduction))
 
 
 @C.autocast_rule
@@ -726,7 +746,8 @@ def cclk_loss(z1: Tensor, z2: Tensor, weight_x: Optional[Tensor] = None,
         return reference.cclk_loss(z1, z2, wx.to(z1.dtype), wy.to(z1.dtype),
                                    temperature=1 / alpha, mode=mode, reduction=reduction)
     factors = [_family.cclk_factors(c.detach().to(z1.dtype), lam, group) for c in conditions]
-    return _family.cclk(z1, z2, alpha, None, factors, mode, reduction, name, group)
+    opts = dict(mode=mode, lam=lam, normalize=bool(normalize), reduction=reduction)
+    return _family.cclk(z1, z2, alpha, None, factors, mode, reduction, name, group, opts)
 
 
 @C.autocast_rule
@@ -754,7 +775,7 @@ def uniformity_loss(x: Tensor, *, t: Scale = 2.0, backend: str = "auto",
     name = _route(backend, x.device, group)
     if name == "reference":
         return reference.uniformity_loss(x, t=alpha)
-    return _family.uniformity(x, alpha, name, group)
+    return _family.uniformity(x, alpha, name, group, dict(loss="uniformity_loss"))
 
 
 @C.autocast_rule
@@ -804,4 +825,7 @@ def decoupled_uniformity(z: Tensor, prior: Optional[Tensor] = None, *, t: Scale 
             raise ValueError("decoupled_uniformity with an rbf prior needs the whole B x B "
                              "kernel: under group= use kernel='cosine' (low rank)")
         mu = _family.prior_apply(mu, prior, kernel, sigma, lam, group)
-    return _family.uniformity(mu, alpha, name, group)
+    opts = dict(loss="decoupled_uniformity", prior=prior is not None)
+    if prior is not None:
+        opts.update(kernel=kernel, lam=lam)
+    return _family.uniformity(mu, alpha, name, group, opts)
