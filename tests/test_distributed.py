@@ -817,7 +817,7 @@ def test_ring_other_backends(backend, world, case, backend_results):
 
 
 def test_dead_rank_raises(tmp_path):
-    """Issue 5, item 6: a rank that dies makes the others fail (closed connection or the 10 s
+    """A rank that dies makes the others fail (closed connection or the 10 s
     process-group timeout), never an endless hang."""
     (res,) = _launch(2, str(tmp_path), mode="dead", ranks=[0])
     assert res["raised"] == 0.0, res

@@ -3,7 +3,7 @@
 Each rank passes its local shard (any size, zero included) to a public loss with ``group=``;
 ``_family.py`` calls the hooks below, which are only used when the group has more than one rank.
 
-Ring (math.md 1.1-1.5, 2.1, 12; DESIGN.md, Distributed)
+Ring (math.md 1.1-1.5, 2.1, 11)
     Rank r keeps its rows q_r and at step s = 0..W-1 holds the column block k_b of rank
     b = (r - s) mod W, together with what travels with it (labels_k, low-rank weight factors
     wb, the block's column offset). While the tile backend merges its rows' statistics with
@@ -129,7 +129,7 @@ def _comm_device(group):
     return torch.device("cpu")
 
 
-# ---- the ring primitive (STYLE.md 12) -----------------------------------------------------------
+# ---- the ring primitive -----------------------------------------------------------
 
 class Ring:
     """Point-to-point ring over any process group: send to rank + 1, receive from rank - 1."""
