@@ -23,7 +23,7 @@ NAMES = ("auto", "reference", "torch", "triton", "native")
 # tile backends and the module that implements each
 _MODULES = {
     "torch": "tilecl._torch_tiled",
-    "triton": "tilecl._triton_backend",
+    "triton": "tilecl._triton",
     "native": "tilecl._native_backend",
 }
 

@@ -444,13 +444,3 @@ def backward(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, g_stat
                              g_col if g_col is not None else empty, spec_to_str(spec),
                              [bool(x) for x in needs])
     return dq, dk, da, (db if bias is not None else None)
-
-
-# the memory-bounded backward with gradients in the inputs' dtypes (used by _autograd); it
-# builds on the launchers above, hence imported last
-from ._triton_backward import (  # noqa: E402,F401
-    backward_final,
-    finish_dq,
-    forward_with_dq,
-    workspace_bytes,
-)

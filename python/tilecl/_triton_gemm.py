@@ -17,7 +17,7 @@ import torch
 
 from . import _triton_backend as tb
 from ._spec import TileAux, TileSpec
-from ._triton_backward import _cols_aux, _Passes, _rows_aux, _spans, workspace_bytes
+from ._triton_chunks import _cols_aux, _Passes, _rows_aux, _spans, workspace_bytes
 
 # The automatic choice, from the work of one backward pass (dq or dk) per (i, j) pair:
 #   fused: the logits once per D chunk of the register gradient block, c = ceil(D / BD_TC)
