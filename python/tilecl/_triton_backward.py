@@ -39,6 +39,7 @@ from ._triton_chunks import (  # noqa: F401  (workspace_bytes: part of this modu
     _rows_aux,
     _spans,
     _Workspace,
+    fwd_dq_outputs,
     workspace_bytes,
 )
 
@@ -184,10 +185,7 @@ def _forward_dq_impl(spec: TileSpec, q, k, alpha, bias, aux: TileAux):
     tb._check(q, k)
     n, m, d = q.shape[0], k.shape[0], q.shape[1]
     dev, f32 = q.device, torch.float32
-    stats = torch.zeros(spec.n_stats, n, device=dev, dtype=f32)
-    u = torch.zeros(q.shape, device=dev, dtype=q.dtype)
-    qdot = torch.zeros(n, device=dev, dtype=f32)
-    gsum = torch.zeros(n, device=dev, dtype=f32)
+    stats, u, qdot, gsum = fwd_dq_outputs(spec, q)
     if n == 0 or m == 0:
         return stats, u, qdot, gsum
     flags = dict(tb._bwd_flags(spec, aux, bias), FWD_STATS=True)

@@ -94,3 +94,12 @@ def _cols_aux(aux: TileAux, c0: int, c1: int) -> TileAux:
         return None if t is None else t[c0:c1]
     return aux.with_columns(labels_k=cut(aux.labels_k), wb=cut(aux.wb),
                             col_offset=int(aux.col_offset) + c0)
+
+
+def fwd_dq_outputs(spec: TileSpec, q):
+    """The zeroed outputs of SigLIP's fused forward + dq pass (both backward paths): stats [S, N]
+    fp32, u [N, D] in q.dtype, qdot [N] fp32, gsum [N] fp32."""
+    n, dev, f32 = q.shape[0], q.device, torch.float32
+    return (torch.zeros(spec.n_stats, n, device=dev, dtype=f32),
+            torch.zeros(q.shape, device=dev, dtype=q.dtype),
+            torch.zeros(n, device=dev, dtype=f32), torch.zeros(n, device=dev, dtype=f32))

@@ -17,7 +17,7 @@ import torch
 
 from . import _triton_backend as tb
 from ._spec import TileAux, TileSpec
-from ._triton_chunks import _cols_aux, _Passes, _rows_aux, _spans, workspace_bytes
+from ._triton_chunks import _cols_aux, _Passes, _rows_aux, _spans, fwd_dq_outputs, workspace_bytes
 
 # The automatic choice, from the work of one backward pass (dq or dk) per (i, j) pair:
 #   fused: the logits once per D chunk of the register gradient block, c = ceil(D / BD_TC)
@@ -183,10 +183,7 @@ def forward_dq(spec: TileSpec, q, k, alpha, bias, aux: TileAux):
     tb._check(q, k)
     n, m = q.shape[0], k.shape[0]
     dev, f32 = q.device, torch.float32
-    stats = torch.zeros(spec.n_stats, n, device=dev, dtype=f32)
-    u = torch.zeros(q.shape, device=dev, dtype=q.dtype)
-    qdot = torch.zeros(n, device=dev, dtype=f32)
-    gsum = torch.zeros(n, device=dev, dtype=f32)
+    stats, u, qdot, gsum = fwd_dq_outputs(spec, q)
     if n == 0 or m == 0:
         return stats, u, qdot, gsum
     flags = tb._flags(spec, aux, bias)
