@@ -297,3 +297,12 @@ def format_record(r) -> str:
         return f"{head} {r['status'].upper()} {r.get('error', '')}"
     mem = f"{r['mem_mib']:9.1f} MiB" if "mem_mib" in r else ""
     return f"{head} {r['time_ms']:10.2f} ms {r['tflops']:7.3f} TFLOP/s {mem}"
+
+
+def doubling(lo: int, hi: int) -> list:
+    """lo, 2 lo, 4 lo, ... up to hi (the N grid of the suites and of the scaling run)."""
+    out, n = [], lo
+    while n <= hi:
+        out.append(n)
+        n *= 2
+    return out

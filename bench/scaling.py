@@ -64,14 +64,6 @@ def total_bytes():
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def sizes(lo, hi):
-    out, n = [], lo
-    while n <= hi:
-        out.append(n)
-        n *= 2
-    return out
-
-
 def _config(planned_s):
     if planned_s is not None and planned_s > 2.0:  # one call: the measurement costs 2 calls
         return H.Config(warmup=0, min_reps=1, max_reps=1, target_s=0.0)
@@ -86,7 +78,7 @@ def run(args, log=print, save=None):
     for prov in names:
         rate = None  # the best flops per second of this provider so far
         dense_c = DENSE_BYTES_PER_N2
-        for n in sizes(args.min_n, args.max_n):
+        for n in H.doubling(args.min_n, args.max_n):
             case = H.Case(LOSS, prov, n, args.d, DTYPE, MODE, "cpu")
             flops = P.flops(LOSS, MODE, n, d=args.d)
             planned_s = flops / rate if rate else None

@@ -39,14 +39,6 @@ class Suite:
     target: dict = field(default_factory=dict)  # the CPU headline measurement (cpu only)
 
 
-def _doubling(lo, hi):
-    out, n = [], lo
-    while n <= hi:
-        out.append(n)
-        n *= 2
-    return out
-
-
 def cpu_suite(budget_s=260.0):
     fb = "fwd_bwd"
     series = [Series("clip", fb, "fp32", 128), Series("siglip", fb, "fp32", 128),
@@ -55,7 +47,7 @@ def cpu_suite(budget_s=260.0):
               Series("clip", fb, "bf16", 128), Series("clip", fb, "fp32", 512),
               Series("matryoshka", fb, "fp32", 512)]
     target = {"n": 8192, "d": 256, "tiles": [(512, 1024), (1024, 1024), (2048, 2048)]}
-    return Suite("cpu", "cpu", series, _doubling(256, 2048),
+    return Suite("cpu", "cpu", series, H.doubling(256, 2048),
                  H.Config(warmup=1, min_reps=3, max_reps=7, target_s=0.3), time_cap_s=3.0,
                  budget_s=budget_s, target=target)
 
@@ -74,7 +66,7 @@ def gpu_suite(budget_s=400.0):
     # the GPU targets first: CLIP <= 55 ms, SigLIP <= 40 ms, < 64 MiB beyond the gradients
     target = {"kind": "gpu", "n": 65536, "d": 768, "dtype": "bf16", "losses": ("clip", "siglip"),
               "ms": {"clip": 55.0, "siglip": 40.0}, "mib": 64.0}
-    return Suite("gpu", "cuda", series, _doubling(1024, 2**20),
+    return Suite("gpu", "cuda", series, H.doubling(1024, 2**20),
                  H.Config(warmup=2, min_reps=3, max_reps=25, target_s=0.25), time_cap_s=0.6,
                  budget_s=budget_s, target=target)
 
