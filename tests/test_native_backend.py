@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tilecl import _backends, _torch_tiled
+from tilecl import _backends, _ops, _torch_tiled
 from tilecl._autograd import tile_stats
 from tilecl._spec import SumSpec, TileAux, TileSpec
 
@@ -489,14 +489,12 @@ def test_native_custom_ops_opcheck(case):
     """The kernel entries are torch.library custom ops with fake implementations (torch.compile)."""
     gen = torch.Generator().manual_seed(2)
     spec, q, k, alpha, bias, aux = make_case(case, 7, 3, torch.float32, gen)
-    aux_t = [getattr(aux, f) for f in native._AUX_FIELDS]
-    key = native._spec_key(spec)
-    fwd_args = (q, k, alpha, bias, *aux_t, int(aux.col_offset), key)
-    torch.library.opcheck(native._fwd_op, fwd_args)
-    stats, col, _, _ = native._fwd_op(*fwd_args)
+    fwd_args = _ops.prefix_args(spec, q, k, alpha, bias, aux)
+    torch.library.opcheck(native._fwd_op.overload, fwd_args)
+    stats, col, _, _ = native._fwd_op.overload(*fwd_args)
     g = torch.randn(stats.shape, generator=gen)
     gc = torch.randn(col.shape, generator=gen) if spec.col_lse else None
-    torch.library.opcheck(native._bwd_op, fwd_args + (stats, col if spec.col_lse else None, g, gc,
+    torch.library.opcheck(native._bwd_op.overload, fwd_args + (stats, col if spec.col_lse else None, g, gc,
                                                       [True, True, True, bias is not None]))
 
 
@@ -780,14 +778,13 @@ def test_native_cuda_custom_ops_opcheck(case):
     made = make_case(case, 7, 3, torch.float32, gen)
     spec = made[0]
     q, k, alpha, bias, aux = _on(torch.device("cuda"), made)
-    aux_t = [getattr(aux, f) for f in native._AUX_FIELDS]
-    fwd_args = (q, k, alpha, bias, *aux_t, int(aux.col_offset), native._spec_key(spec))
-    torch.library.opcheck(native._fwd_op, fwd_args)
-    stats, col, _, _ = native._fwd_op(*fwd_args)
+    fwd_args = _ops.prefix_args(spec, q, k, alpha, bias, aux)
+    torch.library.opcheck(native._fwd_op.overload, fwd_args)
+    stats, col, _, _ = native._fwd_op.overload(*fwd_args)
     assert stats.device.type == "cuda"
     g = torch.randn(stats.shape, generator=gen).cuda()
     gc = torch.randn(col.shape, generator=gen).cuda() if spec.col_lse else None
-    torch.library.opcheck(native._bwd_op, fwd_args + (stats, col if spec.col_lse else None, g, gc,
+    torch.library.opcheck(native._bwd_op.overload, fwd_args + (stats, col if spec.col_lse else None, g, gc,
                                                       [True, True, True, bias is not None]))
 
 

@@ -35,9 +35,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 triton = pytest.importorskip("triton")
 
-from tilecl import _torch_tiled  # noqa: E402
+from tilecl import _ops, _torch_tiled  # noqa: E402
 from tilecl._autograd import tile_stats  # noqa: E402
-from tilecl._spec import SumSpec, TileAux, TileSpec  # noqa: E402
+from tilecl._spec import SumSpec, TileAux, TileSpec, spec_from_key  # noqa: E402
 
 tb = pytest.importorskip("tilecl._triton_backend")
 
@@ -270,18 +270,18 @@ def test_custom_ops_opcheck():
     """The kernels' torch.library ops: schema, fake (meta) implementations, dispatch."""
     spec, q, k, alpha, bias, aux = make_case("clip_sym", 17, 64, torch.float32)
     torch.library.opcheck(torch.ops.tilecl.triton_tile_fwd.default,
-                          (q, k, alpha, bias, *tb._aux_args(aux), tb.spec_to_str(spec)))
+                          _ops.prefix_args(spec, q, k, alpha, bias, aux))
     stats, col = tb.forward(spec, q, k, alpha, bias, aux)
     g, gc = torch.randn_like(stats), torch.randn_like(col)
     torch.library.opcheck(torch.ops.tilecl.triton_tile_bwd.default,
-                          (q, k, alpha, bias, *tb._aux_args(aux), stats, col, g, gc,
-                           tb.spec_to_str(spec), [True, True, True, True]))
+                          (*_ops.prefix_args(spec, q, k, alpha, bias, aux), stats, col, g, gc,
+                           [True, True, True, True]))
 
 
 def test_spec_string_roundtrip():
     for kind in SHAPES:
         spec = make_case(kind, 2, 3, torch.float32)[0]
-        assert tb.spec_from_str(tb.spec_to_str(spec)) == spec
+        assert spec_from_key(spec.key()) == spec
 
 
 @pytest.mark.skipif(not hasattr(torch.library, "custom_op"), reason="torch < 2.4")
@@ -516,13 +516,13 @@ def test_topk_through_autograd_and_no_stats():
 def test_custom_ops_opcheck_threshold_topk():
     spec, q, k, alpha, aux, _ = fn_case("index", 17, 64, torch.float32, symmetric=True, topk=4)
     torch.library.opcheck(torch.ops.tilecl.triton_tile_fwd.default,
-                          (q, k, alpha, None, *tb._aux_args(aux), tb.spec_to_str(spec)))
+                          _ops.prefix_args(spec, q, k, alpha, None, aux))
     stats, col, _ = tb.forward(spec, q, k, alpha, None, aux)
     g, gc = torch.randn_like(stats), torch.randn_like(col)
     torch.library.opcheck(torch.ops.tilecl.triton_tile_bwd.default,
-                          (q, k, alpha, None, *tb._aux_args(aux), stats, col, g, gc,
-                           tb.spec_to_str(spec), [True, True, True, False]))
-    assert tb.spec_from_str(tb.spec_to_str(spec)) == spec
+                          (*_ops.prefix_args(spec, q, k, alpha, None, aux), stats, col, g, gc,
+                           [True, True, True, False]))
+    assert spec_from_key(spec.key()) == spec
 
 
 gpu = pytest.mark.skipif(not _CUDA or INTERPRET, reason="needs CUDA (and no TRITON_INTERPRET)")

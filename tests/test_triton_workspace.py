@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_parity import LOW, _as
 
-from tilecl import _torch_tiled
+from tilecl import _ops, _torch_tiled
 from tilecl import _triton_backend as tb
 from tilecl import _triton_backward as tbw
 from tilecl import _triton_gemm as tbg
@@ -162,8 +162,8 @@ def test_final_op_opcheck(single_set):
         k = q
     for needs in ([True, True, True, False], [False, True, False, False], [True, False, True, False]):
         torch.library.opcheck(torch.ops.tilecl.triton_tile_bwd_final.default,
-                              (q, k, alpha, None, *tb._aux_args(aux), stats, col, g_stats, g_col,
-                               tb.spec_to_str(spec), needs, pos, g_pos, single_set))
+                              (*_ops.prefix_args(spec, q, k, alpha, None, aux), stats, col, g_stats,
+                               g_col, needs, pos, g_pos, single_set))
 
 
 class _StubKernel:
@@ -202,8 +202,7 @@ def test_extra_memory_at_65536_under_64_mib(monkeypatch, name, bwd):
     monkeypatch.setattr(tb, "_lse", _StubLse)
     # call the implementations directly: a dispatch mode sees a custom op's outputs, not the
     # tensors its implementation allocates and frees
-    monkeypatch.setattr(tb, "_HAS_CUSTOM_OP", False)
-    monkeypatch.setattr(tbw, "_HAS_CUSTOM_OP", False)
+    monkeypatch.setattr(_ops, "DIRECT", True)
     n, d = 65536, 768
     rows = n // 2 if name == "nt_xent" else n  # NT-Xent: 2 x 32768 views = 65536 anchors
     q = torch.full((rows, d), 0.03, dtype=torch.bfloat16).requires_grad_()

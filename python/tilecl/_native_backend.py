@@ -21,14 +21,12 @@ zeroed because the kernels accumulate into them).
 
 from __future__ import annotations
 
-import ast
-import dataclasses
-import functools
 from pathlib import Path
 
 import torch
 
-from ._spec import COLUMNS, LOGITS, POSITIVES, WEIGHTS, SumSpec, TileAux, TileSpec, compute_dtype, empty_topk
+from . import _ops
+from ._spec import COLUMNS, LOGITS, POSITIVES, WEIGHTS, TileAux, TileSpec, compute_dtype, empty_topk
 
 try:
     from . import _C
@@ -183,99 +181,44 @@ def _backward_impl(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, 
 
 
 # ---- operator registration (torch.compile sees one opaque op with a fake implementation) ----
-# The TileSpec travels as a JSON string, the TileAux tensors as optional arguments; absent outputs
-# are empty tensors inside the op and None outside. The ops are declared with a schema string on a
-# torch.library.Library and implemented for the CPU and CUDA dispatch keys: unlike
-# torch.library.custom_op (which imports torch's compiler stack, sympy included, on first use)
-# this costs nothing at import or at the first call. register_fake only records a function; it is
-# run by FakeTensor when torch.compile traces.
-
-_AUX_FIELDS = ("excl", "pos", "labels_q", "labels_k", "weight", "wa", "wb", "thresh")
-_AUX_SCHEMA = ("Tensor? excl, Tensor? pos, Tensor? labels_q, Tensor? labels_k, Tensor? weight, "
-               "Tensor? wa, Tensor? wb, Tensor? thresh, int col_offset, str spec")
-_OUT4 = "(Tensor, Tensor, Tensor, Tensor)"
+# The schemas are the template's one prefix (_ops.py) plus each op's own arguments.
 
 
-_SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(TileSpec) if f.name != "sums")
-_SUM_FIELDS = tuple(f.name for f in dataclasses.fields(SumSpec))
-
-
-def _spec_key(spec: TileSpec) -> str:
-    """The spec as the op's string argument: the reprs of its fields, then of its sums' fields
-    (plain string formatting, which torch.compile folds to a constant; json.dumps it cannot)."""
-    head = ";".join([f"{getattr(spec, f)!r}" for f in _SPEC_FIELDS])
-    sums = ";".join([",".join([f"{getattr(s, f)!r}" for f in _SUM_FIELDS]) for s in spec.sums])
-    return f"{head}|{sums}"
-
-
-@functools.lru_cache(maxsize=256)
-def _spec_of(key: str) -> TileSpec:
-    head, sums = key.split("|")
-    fields = dict(zip(_SPEC_FIELDS, map(ast.literal_eval, head.split(";"))))
-    fields["sums"] = tuple(SumSpec(**dict(zip(_SUM_FIELDS, map(ast.literal_eval, s.split(",")))))
-                           for s in sums.split(";") if s)
-    return TileSpec(**fields)
-
-
-def _aux_of(aux_tensors, col_offset) -> TileAux:
-    return TileAux(**dict(zip(_AUX_FIELDS, aux_tensors)), col_offset=col_offset)
-
-
-def _fwd_kernel(q, k, alpha, bias, excl, pos, labels_q, labels_k, weight, wa, wb, thresh, col_offset,
-                spec):
-    sp = _spec_of(spec)
-    aux = _aux_of((excl, pos, labels_q, labels_k, weight, wa, wb, thresh), col_offset)
-    stats, col, top = _forward_impl(sp, q, k, alpha, bias, aux)
+def _fwd_kernel(spec: TileSpec, q, k, alpha, bias, aux: TileAux):
+    stats, col, top = _forward_impl(spec, q, k, alpha, bias, aux)
     if top is None:
         top = (stats.new_empty(0), torch.empty(0, dtype=torch.int64, device=stats.device))
     return stats, (col if col is not None else stats.new_empty(0)), top[0], top[1]
 
 
-def _fwd_fake(q, k, alpha, bias, excl, pos, labels_q, labels_k, weight, wa, wb, thresh, col_offset,
-              spec):
-    sp, cdt = _spec_of(spec), compute_dtype(q)
-    top = (q.shape[0], sp.topk) if sp.topk else (0,)
-    return (q.new_empty((sp.n_stats, q.shape[0]), dtype=cdt),
-            q.new_empty((k.shape[0] if sp.col_lse else 0,), dtype=cdt),
+def _fwd_fake(spec: TileSpec, q, k, alpha, bias, aux: TileAux):
+    cdt = compute_dtype(q)
+    top = (q.shape[0], spec.topk) if spec.topk else (0,)
+    return (q.new_empty((spec.n_stats, q.shape[0]), dtype=cdt),
+            q.new_empty((k.shape[0] if spec.col_lse else 0,), dtype=cdt),
             q.new_empty(top, dtype=cdt), q.new_empty(top, dtype=torch.int64))
 
 
-def _bwd_kernel(q, k, alpha, bias, excl, pos, labels_q, labels_k, weight, wa, wb, thresh, col_offset,
-                spec, stats, col, g_stats, g_col, needs):
-    sp = _spec_of(spec)
-    out = _backward_impl(sp, q, k, alpha, bias,
-                         _aux_of((excl, pos, labels_q, labels_k, weight, wa, wb, thresh), col_offset),
-                         stats, col, g_stats, g_col, tuple(needs))
+def _bwd_kernel(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, g_stats, g_col, needs):
+    out = _backward_impl(spec, q, k, alpha, bias, aux, stats, col, g_stats, g_col, tuple(needs))
     return tuple(t if t is not None else stats.new_empty(0) for t in out)  # no aliased returns
 
 
-def _bwd_fake(q, k, alpha, bias, excl, pos, labels_q, labels_k, weight, wa, wb, thresh, col_offset,
-              spec, stats, col, g_stats, g_col, needs):
+def _bwd_fake(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, g_stats, g_col, needs):
     cdt = compute_dtype(q)
     shapes = (q.shape if needs[0] else (0,), k.shape if needs[1] else (0,),
               alpha.shape if needs[2] else (0,), () if (needs[3] and bias is not None) else (0,))
     return tuple(q.new_empty(shape, dtype=cdt) for shape in shapes)
 
 
-_LIB = torch.library.Library("tilecl", "FRAGMENT")  # kept alive: the registrations live with it
-_LIB.define(f"native_tile_fwd(Tensor q, Tensor k, Tensor alpha, Tensor? bias, {_AUX_SCHEMA}) -> {_OUT4}")
-_LIB.define(f"native_tile_bwd(Tensor q, Tensor k, Tensor alpha, Tensor? bias, {_AUX_SCHEMA}, "
-            f"Tensor stats, Tensor? col, Tensor g_stats, Tensor? g_col, bool[] needs) -> {_OUT4}")
-for _key in ("CPU", "CUDA"):
-    _LIB.impl("native_tile_fwd", _fwd_kernel, _key)
-    _LIB.impl("native_tile_bwd", _bwd_kernel, _key)
-torch.library.register_fake("tilecl::native_tile_fwd", _fwd_fake, lib=_LIB)
-torch.library.register_fake("tilecl::native_tile_bwd", _bwd_fake, lib=_LIB)
-_fwd_op = torch.ops.tilecl.native_tile_fwd.default
-_bwd_op = torch.ops.tilecl.native_tile_bwd.default
+_fwd_op = _ops.define("native_tile_fwd", "", _ops.OUT4, _fwd_kernel, _fwd_fake)
+_bwd_op = _ops.define("native_tile_bwd", _ops.BWD_ARGS, _ops.OUT4, _bwd_kernel, _bwd_fake)
 
 
 def forward(spec: TileSpec, q, k, alpha, bias, aux: TileAux):
     """Per-row statistics [S, N] and column LSE [M] (or None), and with ``spec.topk`` the rows'
     hardest negatives (vals [N, topk], global idx [N, topk], CPU only); see ``_torch_tiled``."""
-    aux_t = [getattr(aux, f) for f in _AUX_FIELDS]
-    stats, col, top_vals, top_idx = _fwd_op(q, k, alpha, bias, *aux_t, int(aux.col_offset),
-                                            _spec_key(spec))
+    stats, col, top_vals, top_idx = _fwd_op(spec, q, k, alpha, bias, aux)
     col = col if spec.col_lse else None
     return (stats, col, (top_vals, top_idx)) if spec.topk else (stats, col)
 
@@ -286,9 +229,8 @@ def backward(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, g_stat
 
     Gradients nobody asked for (``needs``) are not computed and returned as None.
     """
-    aux_t = [getattr(aux, f) for f in _AUX_FIELDS]
     needs = [bool(x) for x in needs]
-    out = _bwd_op(q, k, alpha, bias, *aux_t, int(aux.col_offset), _spec_key(spec), stats,
+    out = _bwd_op(spec, q, k, alpha, bias, aux, stats,
                   col if spec.col_lse else None, g_stats, g_col if spec.col_lse else None, needs)
     keep = (needs[0], needs[1], needs[2], needs[3] and bias is not None)
     return tuple(t if w else None for t, w in zip(out, keep))

@@ -37,6 +37,7 @@ differentiates; the backward of the template receives ``g = dL/d(stats)`` and fo
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Optional
 
 import torch
@@ -114,9 +115,43 @@ class TileSpec:
     def i_sig(self) -> int:
         return len(self.sums) + 2 * self.lin
 
+    def key(self) -> str:
+        """The one text encoding of the spec: the custom ops' ``spec`` argument, the native
+        dispatch (parsed by csrc/bindings.cpp) and the ring handshake all use it.
+
+        ``name=value`` pairs in field order, ``;``-separated; ``sums`` is a ``,``-separated list of
+        ``cols:beta:weighted``; booleans are 0 / 1, floats their ``repr`` (exact round trip). Plain
+        string formatting, so torch.compile folds it to a constant. Inverse: :func:`spec_from_key`.
+        """
+        sums = ",".join([f"{s.cols}:{float(s.beta)!r}:{int(bool(s.weighted))}" for s in self.sums])
+        return (f"logit={self.logit};gamma={float(self.gamma)!r};positive={self.positive};"
+                f"sums={sums};lin={int(bool(self.lin))};sigmoid={int(bool(self.sigmoid))};"
+                f"col_lse={int(bool(self.col_lse))};weight={self.weight};"
+                f"weight_clip={float(self.weight_clip)!r};threshold={int(bool(self.threshold))};"
+                f"topk={int(self.topk)}")
+
     def stat_kinds(self) -> list:
         """How each statistic row merges across column blocks: "lse" (logaddexp) or "add"."""
         return ["lse"] * len(self.sums) + ["add", "add"] * self.lin + ["add"] * self.sigmoid
+
+
+_FLAG_FIELDS = ("lin", "sigmoid", "col_lse", "threshold")
+
+
+@functools.lru_cache(maxsize=256)
+def spec_from_key(key: str) -> TileSpec:
+    """The TileSpec of :meth:`TileSpec.key` (validated again by its constructor)."""
+    fields = dict(item.split("=", 1) for item in key.split(";"))
+    sums = tuple(SumSpec(c, float(b), w == "1")
+                 for c, b, w in (x.split(":") for x in fields.pop("sums").split(",") if x))
+    return TileSpec(logit=fields["logit"], gamma=float(fields["gamma"]),
+                    positive=fields["positive"], sums=sums, weight=fields["weight"],
+                    weight_clip=float(fields["weight_clip"]), topk=int(fields["topk"]),
+                    **{f: fields[f] == "1" for f in _FLAG_FIELDS})
+
+
+# The side tensors in the order every custom op takes them (then ``int col_offset``).
+AUX_FIELDS = ("excl", "pos", "labels_q", "labels_k", "weight", "wa", "wb", "thresh")
 
 
 @dataclasses.dataclass
@@ -137,6 +172,16 @@ class TileAux:
     wb: Optional[torch.Tensor] = None  # [M, r]
     thresh: Optional[torch.Tensor] = None  # [N]: a column with x_ij > thresh_i is dropped ("threshold")
     col_offset: int = 0
+
+    def tensors(self) -> tuple:
+        """The side tensors in :data:`AUX_FIELDS` order (the one packing; None where absent)."""
+        return (self.excl, self.pos, self.labels_q, self.labels_k, self.weight, self.wa, self.wb,
+                self.thresh)
+
+    @classmethod
+    def from_tensors(cls, tensors, col_offset: int = 0) -> "TileAux":
+        """Inverse of :meth:`tensors`."""
+        return cls(*tensors, col_offset=int(col_offset))
 
     def with_columns(self, labels_k=None, wb=None, col_offset=0) -> "TileAux":
         """The same rows against another column block (used by the ring)."""

@@ -43,12 +43,10 @@ FlashAttention), and G scaled by a power of two per tile, then cast to fp16, for
 from __future__ import annotations
 
 import os
-from functools import lru_cache
-from typing import List, Optional, Tuple
 
 import torch
 
-from . import _torch_tiled
+from . import _ops, _torch_tiled
 from ._spec import (
     COLUMNS,
     POSITIVES,
@@ -336,87 +334,39 @@ def scalar_grads(spec: TileSpec, da, gsum, alpha, bias):
 
 
 # ---------------------------------------------------------------------------------------------
-# torch.library custom ops: the kernels as opaque ops with fake implementations, so
-# torch.compile traces through them without graph breaks. The spec travels as a JSON string,
-# the aux tensors as optional arguments; a missing column LSE is an empty [0] tensor.
+# The kernels as custom ops (schemas: _ops.py), so torch.compile traces through them without graph
+# breaks; a missing column LSE or top-k list is an empty tensor inside the op.
 
 
-def spec_to_str(spec: TileSpec) -> str:
-    """The spec as the string the custom ops take (plain formatting, which dynamo folds)."""
-    sums = ",".join(f"{x.cols}:{float(x.beta)!r}:{int(bool(x.weighted))}" for x in spec.sums)
-    return (f"{spec.logit};{float(spec.gamma)!r};{spec.positive};{int(bool(spec.lin))};"
-            f"{int(bool(spec.sigmoid))};{int(bool(spec.col_lse))};{spec.weight};"
-            f"{float(spec.weight_clip)!r};{int(bool(spec.threshold))};{int(spec.topk)};{sums}")
+def _fwd_body(spec: TileSpec, q, k, alpha, bias, aux: TileAux):
+    """(stats [S, N], col [M] or [0], top vals [N, topk], top idx [N, topk] int64)."""
+    stats, col, *top = _forward_impl(spec, q, k, alpha, bias, aux)
+    vals, idx = top[0] if top else empty_topk(q.shape[0], 0, q.device, stats.dtype)
+    return stats, col if col is not None else stats.new_zeros(0), vals, idx
 
 
-@lru_cache(maxsize=256)
-def spec_from_str(text: str) -> TileSpec:
-    logit, gamma, positive, lin, sig, col, weight, clip, thresh, topk, sums = text.split(";")
-    parsed = tuple(SumSpec(c, float(b), w == "1")
-                   for c, b, w in (x.split(":") for x in sums.split(",") if x))
-    return TileSpec(logit=logit, gamma=float(gamma), positive=positive, sums=parsed,
-                    lin=lin == "1", sigmoid=sig == "1", col_lse=col == "1", weight=weight,
-                    weight_clip=float(clip), threshold=thresh == "1", topk=int(topk))
+def _fwd_fake(spec: TileSpec, q, k, alpha, bias, aux: TileAux):
+    dt, n = compute_dtype(q), q.shape[0]
+    return (q.new_empty((spec.n_stats, n), dtype=dt),
+            q.new_empty((k.shape[0] if spec.col_lse else 0,), dtype=dt),
+            q.new_empty((n, spec.topk), dtype=dt), q.new_empty((n, spec.topk), dtype=torch.int64))
 
 
-def _aux_args(aux: TileAux):
-    return (aux.excl, aux.pos, aux.labels_q, aux.labels_k, aux.weight, aux.wa, aux.wb,
-            aux.thresh, int(aux.col_offset))
+def _bwd_body(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, g_stats, g_col, needs):
+    dq, dk, da, db = _backward_impl(spec, q, k, alpha, bias, aux, stats,
+                                    col if spec.col_lse else None, g_stats,
+                                    g_col if spec.col_lse else None, tuple(needs))
+    return dq, dk, da, db if db is not None else da.new_zeros(())
 
 
-def _aux_from(excl, pos, labels_q, labels_k, weight, wa, wb, thresh, col_offset) -> TileAux:
-    return TileAux(excl=excl, pos=pos, labels_q=labels_q, labels_k=labels_k, weight=weight,
-                   wa=wa, wb=wb, thresh=thresh, col_offset=col_offset)
+def _bwd_fake(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, g_stats, g_col, needs):
+    dt = compute_dtype(q)
+    return (q.new_empty(q.shape, dtype=dt), k.new_empty(k.shape, dtype=dt),
+            alpha.new_empty(alpha.shape, dtype=dt), q.new_empty((), dtype=dt))
 
 
-_HAS_CUSTOM_OP = hasattr(torch.library, "custom_op")
-
-if _HAS_CUSTOM_OP:
-    _T = torch.Tensor
-    _OT = Optional[torch.Tensor]
-
-    @torch.library.custom_op("tilecl::triton_tile_fwd", mutates_args=())
-    def _fwd_op(q: _T, k: _T, alpha: _T, bias: _OT, excl: _OT, pos: _OT, labels_q: _OT,
-                labels_k: _OT, weight: _OT, wa: _OT, wb: _OT, thresh: _OT, col_offset: int,
-                spec: str) -> Tuple[_T, _T, _T, _T]:
-        """(stats [S, N], col [M] or [0], top vals [N, topk], top idx [N, topk] int64)."""
-        sp = spec_from_str(spec)
-        aux = _aux_from(excl, pos, labels_q, labels_k, weight, wa, wb, thresh, col_offset)
-        stats, col, *top = _forward_impl(sp, q, k, alpha, bias, aux)
-        vals, idx = top[0] if top else empty_topk(q.shape[0], 0, q.device, stats.dtype)
-        return stats, col if col is not None else stats.new_zeros(0), vals, idx
-
-    @_fwd_op.register_fake
-    def _(q, k, alpha, bias, excl, pos, labels_q, labels_k, weight, wa, wb, thresh, col_offset,
-          spec):
-        sp = spec_from_str(spec)
-        dt = compute_dtype(q)
-        n = q.shape[0]
-        return (q.new_empty((sp.n_stats, n), dtype=dt),
-                q.new_empty((k.shape[0] if sp.col_lse else 0,), dtype=dt),
-                q.new_empty((n, sp.topk), dtype=dt), q.new_empty((n, sp.topk), dtype=torch.int64))
-
-    @torch.library.custom_op("tilecl::triton_tile_bwd", mutates_args=())
-    def _bwd_op(q: _T, k: _T, alpha: _T, bias: _OT, excl: _OT, pos: _OT, labels_q: _OT,
-                labels_k: _OT, weight: _OT, wa: _OT, wb: _OT, thresh: _OT, col_offset: int,
-                stats: _T, col: _T, g_stats: _T, g_col: _T, spec: str,
-                needs: List[bool]) -> Tuple[_T, _T, _T, _T]:
-        sp = spec_from_str(spec)
-        aux = _aux_from(excl, pos, labels_q, labels_k, weight, wa, wb, thresh, col_offset)
-        has_col = sp.col_lse
-        dq, dk, da, db = _backward_impl(sp, q, k, alpha, bias, aux, stats,
-                                        col if has_col else None, g_stats,
-                                        g_col if has_col else None, tuple(needs))
-        if db is None:
-            db = da.new_zeros(())
-        return dq, dk, da, db
-
-    @_bwd_op.register_fake
-    def _(q, k, alpha, bias, excl, pos, labels_q, labels_k, weight, wa, wb, thresh, col_offset,
-          stats, col, g_stats, g_col, spec, needs):
-        dt = compute_dtype(q)
-        return (q.new_empty(q.shape, dtype=dt), k.new_empty(k.shape, dtype=dt),
-                alpha.new_empty(alpha.shape, dtype=dt), q.new_empty((), dtype=dt))
+_fwd_op = _ops.define("triton_tile_fwd", "", _ops.OUT4, _fwd_body, _fwd_fake)
+_bwd_op = _ops.define("triton_tile_bwd", _ops.BWD_ARGS, _ops.OUT4, _bwd_body, _bwd_fake)
 
 
 def forward(spec: TileSpec, q, k, alpha, bias, aux: TileAux):
@@ -426,9 +376,7 @@ def forward(spec: TileSpec, q, k, alpha, bias, aux: TileAux):
 
     q: [N, D], k: [M, D] (fp32/fp16/bf16, any strides), alpha: 0-dim or [N], bias: 0-dim or None.
     """
-    if not _HAS_CUSTOM_OP:
-        return _forward_impl(spec, q, k, alpha, bias, aux)
-    stats, col, vals, idx = _fwd_op(q, k, alpha, bias, *_aux_args(aux), spec_to_str(spec))
+    stats, col, vals, idx = _fwd_op(spec, q, k, alpha, bias, aux)
     col = col if spec.col_lse else None
     return (stats, col) if not spec.topk else (stats, col, (vals, idx))
 
@@ -436,11 +384,6 @@ def forward(spec: TileSpec, q, k, alpha, bias, aux: TileAux):
 def backward(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, g_stats, g_col,
              needs=(True, True, True, True)):
     """(dq [N, D], dk [M, D], dalpha like alpha, dbias 0-dim or None), fp32 (math.md 1.2-1.5)."""
-    if not _HAS_CUSTOM_OP:
-        return _backward_impl(spec, q, k, alpha, bias, aux, stats, col, g_stats, g_col, needs)
-    empty = stats.new_zeros(0)
-    dq, dk, da, db = _bwd_op(q, k, alpha, bias, *_aux_args(aux), stats,
-                             col if col is not None else empty, g_stats,
-                             g_col if g_col is not None else empty, spec_to_str(spec),
+    dq, dk, da, db = _bwd_op(spec, q, k, alpha, bias, aux, stats, col, g_stats, g_col,
                              [bool(x) for x in needs])
     return dq, dk, da, (db if bias is not None else None)

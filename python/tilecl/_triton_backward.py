@@ -24,12 +24,11 @@ into the dq pass, or into the gemm backward's row H pass (``forward_with_dq``, `
 from __future__ import annotations
 
 import os
-from typing import List, Optional, Tuple
 
 import torch
 
+from . import _ops, _triton_gemm
 from . import _triton_backend as tb
-from . import _triton_gemm
 from ._spec import TileAux, TileSpec
 from ._triton_chunks import (  # noqa: F401  (workspace_bytes: part of this module's interface)
     _GLUE_BYTES,
@@ -226,51 +225,36 @@ def finish_dq(u, qdot, gsum, g, alpha, bias, needs):
     return dq, da, db
 
 
-_HAS_CUSTOM_OP = tb._HAS_CUSTOM_OP
+def _final_body(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, g_stats, g_col, needs,
+                pos, g_pos, single_set):
+    """(dq [N, D] or [0], dk [M, D] or [0] in the inputs' dtypes, dalpha, dbias fp32)."""
+    dq, dk, da, db = _final_impl(spec, q, k, alpha, bias, aux, stats,
+                                 col if spec.col_lse else None, g_stats,
+                                 g_col if spec.col_lse else None, tuple(needs), pos, g_pos,
+                                 single_set)
+    return (dq if dq is not None else q.new_empty(0), dk if dk is not None else k.new_empty(0),
+            da, db if db is not None else da.new_zeros(()))
 
-if _HAS_CUSTOM_OP:
-    _T = torch.Tensor
-    _OT = Optional[torch.Tensor]
 
-    @torch.library.custom_op("tilecl::triton_tile_bwd_final", mutates_args=())
-    def _final_op(q: _T, k: _T, alpha: _T, bias: _OT, excl: _OT, pos_aux: _OT, labels_q: _OT,
-                  labels_k: _OT, weight: _OT, wa: _OT, wb: _OT, thresh: _OT, col_offset: int,
-                  stats: _T, col: _T, g_stats: _T, g_col: _T, spec: str, needs: List[bool],
-                  pos: _OT, g_pos: _OT, single_set: bool) -> Tuple[_T, _T, _T, _T]:
-        """(dq [N, D] or [0], dk [M, D] or [0] in the inputs' dtypes, dalpha, dbias fp32)."""
-        sp = tb.spec_from_str(spec)
-        aux = tb._aux_from(excl, pos_aux, labels_q, labels_k, weight, wa, wb, thresh, col_offset)
-        has_col = sp.col_lse
-        dq, dk, da, db = _final_impl(sp, q, k, alpha, bias, aux, stats,
-                                     col if has_col else None, g_stats,
-                                     g_col if has_col else None, tuple(needs), pos, g_pos,
-                                     single_set)
-        return (dq if dq is not None else q.new_empty(0), dk if dk is not None else k.new_empty(0),
-                da, db if db is not None else da.new_zeros(()))
+def _final_fake(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, g_stats, g_col, needs,
+                pos, g_pos, single_set):
+    f32 = torch.float32
+    return (q.new_empty(q.shape if needs[0] else (0,)),
+            k.new_empty(k.shape if needs[1] and not single_set else (0,)),
+            alpha.new_empty(alpha.shape, dtype=f32), q.new_empty((), dtype=f32))
 
-    @torch.library.custom_op("tilecl::triton_sig_fwd_dq", mutates_args=())
-    def _fwd_dq_op(q: _T, k: _T, alpha: _T, bias: _OT, excl: _OT, pos_aux: _OT, labels_q: _OT,
-                   labels_k: _OT, weight: _OT, wa: _OT, wb: _OT, thresh: _OT, col_offset: int,
-                   spec: str) -> Tuple[_T, _T, _T, _T]:
-        """(stats [1, N], u [N, D] q.dtype, qdot [N], gsum [N]) of ``_forward_dq_impl``."""
-        sp = tb.spec_from_str(spec)
-        aux = tb._aux_from(excl, pos_aux, labels_q, labels_k, weight, wa, wb, thresh, col_offset)
-        return _forward_dq_impl(sp, q, k, alpha, bias, aux)
 
-    @_fwd_dq_op.register_fake
-    def _(q, k, alpha, bias, excl, pos_aux, labels_q, labels_k, weight, wa, wb, thresh,
-          col_offset, spec):
-        n, f32 = q.shape[0], torch.float32
-        return (q.new_empty((tb.spec_from_str(spec).n_stats, n), dtype=f32), q.new_empty(q.shape),
-                q.new_empty((n,), dtype=f32), q.new_empty((n,), dtype=f32))
+def _fwd_dq_fake(spec: TileSpec, q, k, alpha, bias, aux: TileAux):
+    n, f32 = q.shape[0], torch.float32
+    return (q.new_empty((spec.n_stats, n), dtype=f32), q.new_empty(q.shape),
+            q.new_empty((n,), dtype=f32), q.new_empty((n,), dtype=f32))
 
-    @_final_op.register_fake
-    def _(q, k, alpha, bias, excl, pos_aux, labels_q, labels_k, weight, wa, wb, thresh,
-          col_offset, stats, col, g_stats, g_col, spec, needs, pos, g_pos, single_set):
-        f32 = torch.float32
-        return (q.new_empty(q.shape if needs[0] else (0,)),
-                k.new_empty(k.shape if needs[1] and not single_set else (0,)),
-                alpha.new_empty(alpha.shape, dtype=f32), q.new_empty((), dtype=f32))
+
+_final_op = _ops.define("triton_tile_bwd_final",
+                        f"{_ops.BWD_ARGS}, Tensor? pos_col, Tensor? g_pos, bool single_set",
+                        _ops.OUT4, _final_body, _final_fake)
+# (stats [1, N], u [N, D] q.dtype, qdot [N], gsum [N]) of ``_forward_dq_impl``
+_fwd_dq_op = _ops.define("triton_sig_fwd_dq", "", _ops.OUT4, _forward_dq_impl, _fwd_dq_fake)
 
 
 def backward_final(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, g_stats, g_col,
@@ -285,13 +269,7 @@ def backward_final(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, 
     if q.dtype == torch.float64:
         return None
     needs = tuple(bool(x) for x in needs)
-    if not _HAS_CUSTOM_OP:
-        return _final_impl(spec, q, k, alpha, bias, aux, stats, col, g_stats, g_col, needs, pos,
-                           g_pos, single_set)
-    empty = stats.new_zeros(0)
-    dq, dk, da, db = _final_op(q, k, alpha, bias, *tb._aux_args(aux), stats,
-                               col if col is not None else empty, g_stats,
-                               g_col if g_col is not None else empty, tb.spec_to_str(spec),
+    dq, dk, da, db = _final_op(spec, q, k, alpha, bias, aux, stats, col, g_stats, g_col,
                                list(needs), pos, g_pos, bool(single_set))
     return (dq if needs[0] else None, dk if needs[1] and not single_set else None, da,
             db if bias is not None else None)
@@ -302,8 +280,5 @@ def forward_with_dq(spec: TileSpec, q, k, alpha, bias, aux: TileAux):
     None; ``finish_dq`` turns the saved triple into dq, dalpha, dbias once g is known."""
     if q.dtype == torch.float64 or q.shape[1] == 0 or not fuses_dq(spec):
         return None
-    if not _HAS_CUSTOM_OP:
-        stats, *saved = _forward_dq_impl(spec, q, k, alpha, bias, aux)
-    else:
-        stats, *saved = _fwd_dq_op(q, k, alpha, bias, *tb._aux_args(aux), tb.spec_to_str(spec))
+    stats, *saved = _fwd_dq_op(spec, q, k, alpha, bias, aux)
     return stats, tuple(saved)

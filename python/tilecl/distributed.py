@@ -274,7 +274,7 @@ def _handshake(ring: Ring, spec: TileSpec, q, k, alpha, bias, aux: TileAux, opti
     opts = _call_options(alpha, bias, options)
     names_crc, values = _pack_options(opts)
     header = [q.shape[0], k.shape[0], k.shape[1], q.shape[1], _code(q.dtype), _code(k.dtype),
-              zlib.crc32(repr(spec).encode()), alpha.dim(), int(bias is not None),
+              zlib.crc32(spec.key().encode()), alpha.dim(), int(bias is not None),
               int(aux.labels_k is not None), -1 if aux.wb is None else aux.wb.shape[1],
               0 if aux.wb is None else _code(aux.wb.dtype), flags, rowside, aux.col_offset,
               names_crc] + values
