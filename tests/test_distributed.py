@@ -429,7 +429,7 @@ def _direct(name, c: _Ctx):
     stats, col, _ = tile_stats(spec, Q, K, A, None, g_aux, "torch")
     ((gs * stats).sum() + (gc * col).sum() if spec.col_lse else (gs * stats).sum()).backward()
     ql, kl, al = (t.to(DTYPE).requires_grad_() for t in (q[sl], k[ksl], a[sl]))
-    st, cl = distributed.ring_tile_stats(spec, ql, kl, al, None, l_aux, BACKEND, c.group)
+    st, cl, _ = distributed.ring_tile_stats(spec, ql, kl, al, None, l_aux, BACKEND, c.group)
     obj = (gs[:, sl] * st).sum() + ((gc[ksl] * cl).sum() if spec.col_lse else 0.0)
     obj.backward()
 
@@ -446,7 +446,7 @@ def _direct(name, c: _Ctx):
 def _direct_bf16(c: _Ctx):
     """Single set z against itself in bf16: blocks travel in bf16 (spied on the wire), dz comes
     back in bf16, close to tile_stats on the whole batch."""
-    from tilecl import distributed
+    from tilecl import _ring, distributed
     from tilecl._autograd import tile_stats
     from tilecl._spec import SumSpec, TileAux, TileSpec
 
@@ -459,15 +459,15 @@ def _direct_bf16(c: _Ctx):
     (gs * tile_stats(spec, Z, Z, a, None, TileAux(excl=excl), "torch")[0]).sum().backward()
     seen, orig = set(), distributed.Ring.send_recv
 
-    def spy(self, send, recv, tag=distributed._TAG_DATA):
-        if tag == distributed._TAG_DATA:
+    def spy(self, send, recv, tag=_ring._TAG_DATA):
+        if tag == _ring._TAG_DATA:
             seen.update(str(t.dtype) for t in send if t.is_floating_point())
         return orig(self, send, recv, tag)
 
     distributed.Ring.send_recv = spy
     try:
         zl = z[sl].clone().requires_grad_()
-        st, _ = distributed.ring_tile_stats(spec, zl, zl, a, None,
+        st, _, _ = distributed.ring_tile_stats(spec, zl, zl, a, None,
                                             TileAux(excl=excl[sl], col_offset=sl.start), "torch",
                                             c.group)
         (gs[:, sl] * st).sum().backward()

@@ -16,38 +16,63 @@ import torch
 
 from . import _backends
 from ._checks import autocast_off
-from ._spec import TileAux, TileSpec
+from ._ring import Local
+from ._spec import TileAux, TileSpec, compute_dtype, empty_stats, empty_topk, merge_stats, merge_topk
 
 
 class TileStatsFunction(torch.autograd.Function):
+    """The one Function of the family: rows q against the column blocks of ``columns`` (one
+    process: ``_ring.Local``, its own k; ``group=``: ``_ring.RingColumns``, every rank's)."""
+
     @staticmethod
-    def forward(ctx, q, k, alpha, bias, spec: TileSpec, aux: TileAux, backend: str, pos):
+    def forward(ctx, q, k, alpha, bias, spec: TileSpec, aux: TileAux, backend: str, pos, columns):
         ctx.single_set = k is None  # z against itself: dz = dq + dk, summed before rounding
         k = q if k is None else k  # (one tensor input: torch.compile traces no duplicate inputs)
         if spec.threshold and backend not in ("torch", "native", "triton"):
             raise ValueError(f"the false-negative threshold flag (false_negative_margin / ratio) "
                              f"is not implemented by the {backend!r} backend")
         impl = _backends.get(backend)
-        fused = None  # SigLIP on triton: the forward runs the dq pass as well
+        n, cdt = q.shape[0], compute_dtype(q)
+        fused = None  # SigLIP on triton, one process: the forward runs the dq pass as well
         with_dq = getattr(impl, "forward_with_dq", None)
-        if with_dq is not None and pos is None and not ctx.single_set and ctx.needs_input_grad[0]:
+        if (with_dq is not None and columns.world == 1 and pos is None and not ctx.single_set
+                and ctx.needs_input_grad[0]):
             fused = with_dq(spec, q, k, alpha, bias, aux)
+        top = None
         if fused is not None:
             stats, saved_dq = fused
-            col, top = None, []
+            col = None
         else:
-            stats, col, *top = impl.forward(spec, q, k, alpha, bias, aux)
+            seen = {}
+
+            def visit(kb, aux_b, local):
+                part, part_col, *ptop = impl.forward(spec, q, kb, alpha, bias, aux_b)
+                if spec.topk and not ptop:
+                    raise ValueError(f"backend {backend!r} does not stream top-k negatives "
+                                     f"(spec.topk)")
+                old = seen.get("stats")
+                seen["stats"] = part if old is None else merge_stats(spec, old, part.to(cdt))
+                if spec.topk:
+                    seen["top"] = ptop[0] if "top" not in seen else merge_topk(seen["top"], ptop[0])
+                return part_col
+
+            col = columns.forward(spec, k, aux, n, cdt, visit)
+            stats = seen.get("stats")
+            if stats is None:  # no column block met these rows (an empty shard under the ring)
+                stats = empty_stats(spec, n, q.device, cdt)
+            top = seen.get("top") if spec.topk else None
+            if spec.topk and top is None:
+                top = empty_topk(n, spec.topk, q.device, cdt)
         ctx.fused_dq = fused is not None
         if col is None:
             col = stats.new_zeros(0)
-        if spec.topk and not top:
-            raise ValueError(f"backend {backend!r} does not stream top-k negatives (spec.topk)")
-        top_vals, top_idx = top[0] if top else (stats.new_zeros(0), col.new_zeros(0).long())
+        top_vals, top_idx = top if top is not None else (stats.new_zeros(0),
+                                                         col.new_zeros(0).long())
         ctx.pos = pos
         s_pos = stats.new_zeros(0)
         if pos is not None:  # alpha_i <q_i, k_pos(i)> (or -alpha_i |q_i - k_pos(i)|^gamma)
             s_pos = _positive_logits(q, k, pos, stats.dtype, spec) * alpha.to(stats.dtype)
-        ctx.spec, ctx.aux, ctx.backend = spec, aux, backend
+        ctx.spec, ctx.aux, ctx.backend, ctx.columns = spec, aux, backend, columns
         ctx.has_bias = bias is not None
         if any(ctx.needs_input_grad[:4]):
             ctx.save_for_backward(q, None if ctx.single_set else k, alpha,
@@ -65,9 +90,11 @@ class TileStatsFunction(torch.autograd.Function):
                 "tilecl: this SigLIP loss ran the triton backend's fused forward, whose saved "
                 "buffer becomes dq in place, so its backward runs once; set "
                 "TILECL_TRITON_SIGLIP_FUSED=0 to backpropagate twice (retain_graph=True)")
-        refuse_double_backward(ctx.backend, ctx.saved_tensors, (g_stats, g_col, g_pos))
+        refuse_double_backward(ctx.backend, ctx.saved_tensors, (g_stats, g_col, g_pos),
+                               ring=ctx.columns.world > 1)
         with autocast_off(ctx.saved_tensors[0].device):  # a backward called under autocast
-            return TileStatsFunction._backward(ctx, g_stats, g_col, g_pos)
+            grads = TileStatsFunction._backward(ctx, g_stats, g_col, g_pos)
+        return grads + (None,) * 5
 
     @staticmethod
     def _backward(ctx, g_stats, g_col, g_pos):
@@ -78,39 +105,88 @@ class TileStatsFunction(torch.autograd.Function):
             g_stats = torch.zeros_like(stats)
         if spec.col_lse and g_col is None:
             g_col = torch.zeros_like(col)
+        g_stats = g_stats.to(stats.dtype)
+        g_col = g_col.to(col.dtype) if spec.col_lse else None
+        col = col if spec.col_lse else None
         impl = _backends.get(ctx.backend)
         needs = ctx.needs_input_grad[:4]
         if ctx.single_set:  # the backend computes both sides of z against itself
             needs = (needs[0], needs[0]) + tuple(needs[2:])
+        bias = bias if ctx.has_bias else None
+        pos = ctx.pos if g_pos is not None else None
         if ctx.fused_dq:  # dq came with the forward; only dk is left (SigLIP, triton)
             return _backward_fused_dq(ctx, impl, q, k, alpha, bias, stats, g_stats, saved_dq,
                                       needs)
-        final = getattr(impl, "backward_final", None)
-        if spec.logit == "dist" and ctx.pos is not None:
+        # a backend that finishes the gradients itself, chunk by chunk in a bounded workspace
+        final = getattr(impl, "backward_final", None) if q.dtype != torch.float64 else None
+        if spec.logit == "dist" and pos is not None:
             final = None  # its in-kernel positive pair is the dot-logit one
-        grads = None
-        if final is not None:  # the backend finishes the gradients itself, chunk by chunk
-            grads = final(spec, q, k, alpha, bias if ctx.has_bias else None, ctx.aux, stats,
-                          col if spec.col_lse else None, g_stats.to(stats.dtype),
-                          g_col.to(col.dtype) if spec.col_lse else None, needs,
-                          ctx.pos if g_pos is not None else None, g_pos, ctx.single_set)
-        if grads is not None:
-            dq, dk, da, db = grads
-            return (dq if needs[0] else None, None if ctx.single_set else dk,
-                    _cast(da, alpha, needs[2]), _cast(db, bias, needs[3]), None, None, None,
-                    None)
-        dq, dk, da, db = impl.backward(
-            spec, q, k, alpha, bias if ctx.has_bias else None, ctx.aux,
-            stats, col if spec.col_lse else None, g_stats.to(stats.dtype),
-            g_col.to(col.dtype) if spec.col_lse else None, needs)
-        if ctx.pos is not None and g_pos is not None:
-            dq, dk, da = _add_positive(q, k, alpha, ctx.pos, g_pos, dq, dk, da, needs, stats.dtype,
-                                       spec)
-        if ctx.single_set:  # z against itself: dz = dq + dk, rounded to the input dtype once
-            dq = dq + dk if (dq is not None and dk is not None) else dq
-            dk = None
-        return (_cast(dq, q, needs[0]), _cast(dk, k, needs[1]), _cast(da, alpha, needs[2]),
-                _cast(db, bias, needs[3]), None, None, None, None)
+        if ctx.columns.world == 1:
+            return _backward_one_block(ctx, impl, final, q, k, alpha, bias, stats, col, g_stats,
+                                       g_col, pos, g_pos, needs)
+        return _backward_blocks(ctx, impl, final, q, k, alpha, bias, stats, col, g_stats, g_col,
+                                pos, g_pos, needs)
+
+
+def _backward_one_block(ctx, impl, final, q, k, alpha, bias, stats, col, g_stats, g_col, pos,
+                        g_pos, needs):
+    """One block (one process): the gradients rounded to the input dtypes straight from the
+    backend's fp32 accumulators (by ``final`` chunk by chunk, else here)."""
+    spec = ctx.spec
+    if final is not None:
+        dq, dk, da, db = final(spec, q, k, alpha, bias, ctx.aux, stats, col, g_stats, g_col,
+                               needs, pos, g_pos, ctx.single_set)
+        return (dq if needs[0] else None, None if ctx.single_set else dk,
+                _cast(da, alpha, needs[2]), _cast(db, bias, needs[3]))
+    dq, dk, da, db = impl.backward(spec, q, k, alpha, bias, ctx.aux, stats, col, g_stats, g_col,
+                                   needs)
+    if pos is not None:
+        dq, dk, da = _add_positive(q, k, alpha, pos, g_pos, dq, dk, da, needs, stats.dtype, spec)
+    if ctx.single_set:  # z against itself: dz = dq + dk, rounded to the input dtype once
+        dq = dq + dk if (dq is not None and dk is not None) else dq
+        dk = None
+    return (_cast(dq, q, needs[0]), _cast(dk, k, needs[1]), _cast(da, alpha, needs[2]),
+            _cast(db, bias, needs[3]))
+
+
+def _backward_blocks(ctx, impl, final, q, k, alpha, bias, stats, col, g_stats, g_col, pos, g_pos,
+                     needs):
+    """The blocks of ``ctx.columns`` one after the other (the ring): the same backend calls as
+    one block, into fp32 accumulators (dq and dalpha / dbias here, each block's dk travelling
+    home with it), rounded once at the end. The positive pair is added at the local block."""
+    spec, cdt = ctx.spec, stats.dtype
+    n, d = q.shape
+    dq = torch.zeros(n, d, dtype=cdt, device=q.device) if needs[0] else None
+    da = torch.zeros(alpha.shape, dtype=cdt, device=q.device)
+    db = torch.zeros((), dtype=cdt, device=q.device)
+
+    def visit(kb, aux_b, colb, gcolb, local):
+        p, gp = (pos, g_pos) if local else (None, None)
+        if final is not None:  # the backend adds its chunks into dq and the block's dk
+            dk_b = torch.zeros(kb.shape[0], d, dtype=cdt, device=q.device) if needs[1] else None
+            _, _, da_b, db_b = final(spec, q, kb, alpha, bias, aux_b, stats, colb, g_stats,
+                                     gcolb, needs, p, gp, False, acc=(dq, dk_b))
+        else:
+            dq_b, dk_b, da_b, db_b = impl.backward(spec, q, kb, alpha, bias, aux_b, stats, colb,
+                                                   g_stats, gcolb, needs)
+            if p is not None:
+                dq_b, dk_b, da_b = _add_positive(q, kb, alpha, p, gp, dq_b, dk_b, da_b, needs, cdt,
+                                                 spec)
+            if dq is not None and dq_b is not None:
+                dq.add_(dq_b)
+        # a backend returns None for a gradient nobody asked for (``needs``): a float or a
+        # 0-dim temperature without grad gives no dalpha partial
+        for acc, part in ((da, da_b), (db, db_b)):
+            if part is not None:
+                acc.add_(part)
+        return dk_b
+
+    dk = ctx.columns.backward(spec, k, ctx.aux, col, g_col, n, bool(needs[1]), cdt, visit)
+    if ctx.single_set:  # dz = dq + dk of the same rows, summed in fp32, rounded once
+        dq = dq + dk if (dq is not None and dk is not None) else dq
+        dk = None
+    return (_cast(dq, q, needs[0]), _cast(dk, k, needs[1] and not ctx.single_set),
+            _cast(da, alpha, needs[2]), _cast(db, bias, needs[3] and bias is not None))
 
 
 def refuse_double_backward(backend, saved, grads, ring=False):
@@ -145,8 +221,7 @@ def _backward_fused_dq(ctx, impl, q, k, alpha, bias, stats, g_stats, saved_dq, n
         _, dk, _, _ = impl.backward_final(spec, q, k, alpha, b, ctx.aux, stats, None,
                                           g_stats.to(stats.dtype), None,
                                           (False, True, False, False))
-    return (dq if needs[0] else None, dk, _cast(da, alpha, needs[2]), _cast(db, bias, needs[3]),
-            None, None, None, None)
+    return dq if needs[0] else None, dk, _cast(da, alpha, needs[2]), _cast(db, bias, needs[3])
 
 
 def _add_positive(q, k, alpha, pos, g_pos, dq, dk, da, needs, cdt, spec=None):
@@ -217,7 +292,7 @@ def _cast(grad, like, needed):
 
 
 def tile_stats(spec: TileSpec, q, k, alpha, bias=None, aux: TileAux = None, backend="torch",
-               pos=None):
+               pos=None, columns=None):
     """Statistics of rows q [N, D] against columns k [M, D] (see ``_spec.py``).
 
     alpha: 0-dim or [N] float tensor (the logit scale; 1 / temperature), bias: 0-dim or None,
@@ -226,7 +301,10 @@ def tile_stats(spec: TileSpec, q, k, alpha, bias=None, aux: TileAux = None, back
     s_pos [N] = alpha_i <q_i, k_pos(i)> fp32 (distance logits: -alpha_i |q_i - k_pos(i)|^gamma),
     empty unless ``pos`` is given), and with
     ``spec.topk`` a fourth element (vals [N, topk], global idx [N, topk]) without gradient.
+    columns: where the column blocks come from (``_ring``): None is this process's k alone; a
+    ``RingColumns`` sweeps every rank's (then the statistics are over all global columns).
     """
     stats, col, s_pos, top_vals, top_idx = TileStatsFunction.apply(
-        q, None if k is q else k, alpha, bias, spec, aux or TileAux(), backend, pos)
+        q, None if k is q else k, alpha, bias, spec, aux or TileAux(), backend, pos,
+        columns if columns is not None else Local())
     return (stats, col, s_pos) if not spec.topk else (stats, col, s_pos, (top_vals, top_idx))

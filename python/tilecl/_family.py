@@ -39,10 +39,8 @@ def _stats(spec, q, k, alpha, bias, aux, backend, group, pos=None, options=None)
     if _world(group) > 1:
         from . import distributed
 
-        stats, col, *top = distributed.ring_tile_stats(spec, q, k, alpha, bias, aux, backend,
-                                                       group, options)
-        s_pos = alpha * _dot(q, k[pos]) if pos is not None else None
-        return (stats, col, s_pos, *top)
+        return distributed.ring_tile_stats(spec, q, k, alpha, bias, aux, backend, group,
+                                           options, pos)
     return tile_stats(spec, q, k, alpha, bias, aux, backend, pos)
 
 

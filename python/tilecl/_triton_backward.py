@@ -62,13 +62,17 @@ from ._triton_chunks import (  # noqa: F401  (workspace_bytes: part of this modu
 
 
 def _final_impl(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, g_stats, g_col,
-                needs, pos, g_pos, single_set: bool):
+                needs, pos, g_pos, single_set: bool, acc=None):
     """(dq in q.dtype or None, dk in k.dtype or None, dalpha fp32 like alpha, dbias fp32 0-dim
-    or None); pos [N] local column of each row's positive (or None), g_pos [N] its upstream."""
+    or None); pos [N] local column of each row's positive (or None), g_pos [N] its upstream.
+
+    acc = (dq [N, D] fp32 or None, dk [M, D] fp32 or None): add each finished chunk into these
+    accumulators instead (a block of the ring, whose gradients are rounded after the last
+    block; two sets only); then dq and dk come back as None."""
 
     if _triton_gemm.applies(spec, q):
         return _triton_gemm.backward(spec, q, k, alpha, bias, aux, stats, col, g_stats, g_col,
-                                     needs, pos, g_pos, single_set)
+                                     needs, pos, g_pos, single_set, acc)
     tb._check(q, k)
     p = _Passes.of(spec, q, k, alpha, bias, needs)
     n, m, d, af, need_q, need_k, need_a = p.n, p.m, p.d, p.af, p.need_q, p.need_k, p.need_a
@@ -84,8 +88,12 @@ def _final_impl(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, g_s
     if rows or cols:
         flags = tb._bwd_flags(spec, aux, bias)
         st, gst, cst, gc = tb._bwd_stats(spec, stats, col, g_stats, g_col, n, dev)
-    dq = torch.empty(q.shape, device=dev, dtype=q.dtype) if need_q else None
-    dk = torch.empty(k.shape, device=dev, dtype=k.dtype) if need_k and not single_set else None
+    if acc is not None:
+        dq, dk = acc[0] if need_q else None, acc[1] if need_k else None
+    else:
+        dq = torch.empty(q.shape, device=dev, dtype=q.dtype) if need_q else None
+        dk = torch.empty(k.shape, device=dev, dtype=k.dtype) if need_k and not single_set else None
+    put = _put_adding if acc is not None else _put
     # buffer 0 for the dq pass, the last one for the dk pass (two only for one set)
     ws = _Workspace(d, max(n, m), dev, 2 if single_set and rows and cols else 1)
     step = ws.rows
@@ -147,18 +155,28 @@ def _final_impl(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, g_s
         for r0, r1 in _spans(n, step) if rows else []:
             buf = row_block(r0, r1)
             if dq is not None:
-                dq[r0:r1].copy_(buf)
-        if dq is not None and not rows:
+                put(dq[r0:r1], buf)
+        if dq is not None and not rows and acc is None:
             dq.zero_()
         if dk is not None:
             if cols:
                 for ci, (c0, c1) in enumerate(col_spans):
-                    dk[c0:c1].copy_(col_block(ci, c0, c1))
-            else:
+                    put(dk[c0:c1], col_block(ci, c0, c1))
+            elif acc is None:
                 dk.zero_()
     if not dot:
         da = gx / af + da  # dx/da = x / a, plus the positive pair's term
+    if acc is not None:
+        dq = dk = None
     return (dq, dk) + tb.scalar_grads(spec, da, gsum, alpha, bias)
+
+
+def _put(dst, buf):
+    dst.copy_(buf)  # the one rounding into the input dtype
+
+
+def _put_adding(dst, buf):
+    dst.add_(buf)  # fp32 accumulator of the ring
 
 
 def fuses_dq(spec: TileSpec) -> bool:
@@ -258,7 +276,7 @@ _fwd_dq_op = _ops.define("triton_sig_fwd_dq", "", _ops.OUT4, _forward_dq_impl, _
 
 
 def backward_final(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, g_stats, g_col,
-                   needs, pos=None, g_pos=None, single_set=False):
+                   needs, pos=None, g_pos=None, single_set=False, acc=None):
     """(dq, dk, dalpha, dbias) with dq / dk in the inputs' dtypes (None where not needed; dk is
     None for one set, whose dq is dz), or None for float64 inputs (the generic path).
 
@@ -269,6 +287,9 @@ def backward_final(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, 
     if q.dtype == torch.float64:
         return None
     needs = tuple(bool(x) for x in needs)
+    if acc is not None:  # adds into the caller's fp32 accumulators: no op (it would mutate them)
+        return _final_impl(spec, q, k, alpha, bias, aux, stats, col, g_stats, g_col, needs, pos,
+                           g_pos, False, acc)
     dq, dk, da, db = _final_op(spec, q, k, alpha, bias, aux, stats, col, g_stats, g_col,
                                list(needs), pos, g_pos, bool(single_set))
     return (dq if needs[0] else None, dk if needs[1] and not single_set else None, da,

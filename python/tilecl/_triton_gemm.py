@@ -112,20 +112,24 @@ def _h_block(spec, flags, bias, qs, ks, al, aux_s, stats4, spos_s, gpos_s, p_off
 
 
 def backward(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, g_stats, g_col,
-             needs, pos, g_pos, single_set: bool):
+             needs, pos, g_pos, single_set: bool, acc=None):
     """``_triton_backward._final_impl``'s result through H groups and library GEMMs (``bwd_mode`` "gemm").
 
     Rows r0:r1 of H [R, M] give dq rows = H k and, from the kernel's partial sums, dalpha and
     the SigLIP bias; columns c0:c1 of H [N, C] give dk rows = H^T q. The positive pair's term is
     inside H (fp32, before the cast), so each gradient row is rounded once (one set: dq and dk
-    rows rounded each, then summed in fp32 and rounded).
+    rows rounded each, then summed in fp32 and rounded). ``acc``: fp32 accumulators to add the
+    products into (a block of the ring; two sets only), then dq and dk come back as None.
     """
     tb._check(q, k)
     p = _Passes.of(spec, q, k, alpha, bias, needs)
     n, m, af, need_q, need_k, rows, cols = p.n, p.m, p.af, p.need_q, p.need_k, p.rows, p.cols
     dev, f32 = q.device, torch.float32
-    dq = torch.zeros(q.shape, device=dev, dtype=q.dtype) if need_q else None
-    dk = torch.zeros(k.shape, device=dev, dtype=k.dtype) if need_k and not single_set else None
+    if acc is not None:
+        dq, dk = acc[0] if need_q else None, acc[1] if need_k else None
+    else:
+        dq = torch.zeros(q.shape, device=dev, dtype=q.dtype) if need_q else None
+        dk = torch.zeros(k.shape, device=dev, dtype=k.dtype) if need_k and not single_set else None
     da = torch.zeros(n, device=dev, dtype=f32)
     gsum = torch.zeros(n, device=dev, dtype=f32)
     has_gpos = pos is not None and g_pos is not None
@@ -151,7 +155,9 @@ def backward(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, g_stat
             h = h_of(q[r0:r1], k, al, _rows_aux(aux, r0, r1), st[:, r0:r1], gst[:, r0:r1], cst,
                      gc, spos[r0:r1] if has_gpos else spos, gpos[r0:r1] if has_gpos else gpos,
                      0, part)
-            if need_q:
+            if need_q and acc is not None:
+                dq[r0:r1] += torch.matmul(h, k.detach())  # [R, M] @ [M, D]
+            elif need_q:
                 dq[r0:r1] = torch.matmul(h, k.detach())  # [R, M] @ [M, D]
             g1, gx = part[0].sum(1), part[1].sum(1)
             gsum[r0:r1] = g1
@@ -167,9 +173,13 @@ def backward(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, g_stat
             if single_set:
                 if dq is not None:
                     dq[c0:c1] = (dq[c0:c1].to(f32) + blk.to(f32)).to(dq.dtype)
+            elif acc is not None:
+                dk[c0:c1] += blk
             else:
                 dk[c0:c1] = blk
             del h
+    if acc is not None:
+        dq = dk = None
     return (dq, dk) + tb.scalar_grads(spec, da, gsum, alpha, bias)
 
 

@@ -111,10 +111,10 @@ import zlib
 import torch
 import torch.distributed as dist
 
-from . import _backends
-from ._spec import TileAux, TileSpec, compute_dtype, empty_stats, empty_topk, merge_stats, merge_topk
+from ._autograd import tile_stats
+from ._ring import Ring, RingColumns
+from ._spec import TileAux, TileSpec
 
-_TAG_DATA, _TAG_ACC = 0, 16  # gloo matches point-to-point messages by (peer, tag)
 _DTYPES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4, torch.int64: 5}
 
 
@@ -127,38 +127,6 @@ def _comm_device(group):
     if "nccl" in str(dist.get_backend(_group(group))).lower():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
-
-
-# ---- the ring primitive -----------------------------------------------------------
-
-class Ring:
-    """Point-to-point ring over any process group: send to rank + 1, receive from rank - 1."""
-
-    def __init__(self, group=None):
-        self.group = _group(group)
-        self.rank = dist.get_rank(self.group)
-        self.world = dist.get_world_size(self.group)
-        self.next = dist.get_global_rank(self.group, (self.rank + 1) % self.world)
-        self.prev = dist.get_global_rank(self.group, (self.rank - 1) % self.world)
-
-    def send_recv(self, send, recv, tag=_TAG_DATA):
-        """Post ``send`` (list of tensors) to the next rank and receive ``recv`` (pre-allocated,
-        same order) from the previous one; returns the pending works. Empty tensors are skipped
-        on both sides (both know the sizes). A one-rank ring just copies."""
-        if self.world == 1:
-            for s, r in zip(send, recv):
-                r.copy_(s)
-            return []
-        ops = [dist.P2POp(dist.isend, t, self.next, self.group, tag + i)
-               for i, t in enumerate(send) if t.numel()]
-        ops += [dist.P2POp(dist.irecv, t, self.prev, self.group, tag + i)
-                for i, t in enumerate(recv) if t.numel()]
-        return dist.batch_isend_irecv(ops) if ops else []
-
-    @staticmethod
-    def wait(works):
-        for w in works:
-            w.wait()
 
 
 # ---- size / header exchange ----------------------------------------------------------------------
@@ -302,161 +270,30 @@ def _handshake(ring: Ring, spec: TileSpec, q, k, alpha, bias, aux: TileAux, opti
     return sizes, offsets
 
 
-# ---- the ring Function -----------------------------------------------------------------------
-
-def _pack(*tensors):
-    """The tensors that travel with a column block, in a fixed order (None: absent)."""
-    return [t.contiguous() for t in tensors if t is not None]
-
-
-def _unpack(block, aux: TileAux, col_lse: bool):
-    it = iter(block)
-    k = next(it)
-    labels = next(it) if aux.labels_k is not None else None
-    wb = next(it) if aux.wb is not None else None
-    col, g_col = (next(it), next(it)) if col_lse else (None, None)
-    return k, labels, wb, col, g_col
-
-
-def _like(block, m):
-    """Receive buffers for a block of m columns shaped like ``block``."""
-    return [torch.empty((m,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device) for t in block]
-
-
-class _RingTileStats(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, alpha, bias, spec, aux, backend, ring, sizes, offsets):
-        impl = _backends.get(backend)
-        cdt, dev, n, world = compute_dtype(q), q.device, q.shape[0], ring.world
-        stats = empty_stats(spec, n, dev, cdt)
-        top = empty_topk(n, spec.topk, dev, cdt)  # [N, 0] unless spec.topk
-        cur = _pack(k, aux.labels_k, aux.wb)
-        col_in, col_work = None, []
-        for s in range(world):
-            b = (ring.rank - s) % world
-            nxt, work = None, []
-            if s < world - 1:  # double buffering: next block in flight during this compute
-                nxt = _like(cur, sizes[(b - 1) % world])
-                work = ring.send_recv(cur, nxt, _TAG_DATA)
-            kb, labels, wb, _, _ = _unpack(cur, aux, False)
-            part_col = None
-            if n and kb.shape[0]:
-                part, part_col, *ptop = impl.forward(spec, q, kb, alpha, bias,
-                                                     aux.with_columns(labels, wb, offsets[b]))
-                stats = merge_stats(spec, stats, part.to(cdt))
-                if spec.topk:
-                    if not ptop:
-                        raise ValueError(f"backend {backend!r} does not stream top-k negatives")
-                    top = merge_topk(top, ptop[0])
-            if spec.col_lse:  # the block's partial column LSE follows it, one hop behind
-                c = (part_col.to(cdt) if part_col is not None
-                     else torch.full((kb.shape[0],), float("-inf"), dtype=cdt, device=dev))
-                if s > 0:
-                    ring.wait(col_work)
-                    c = torch.logaddexp(c, col_in)
-                col_in = torch.empty(sizes[(b - 1) % world], dtype=cdt, device=dev)
-                col_out = c  # referenced until its send completes
-                col_work = ring.send_recv([col_out], [col_in], _TAG_ACC)
-            ring.wait(work)
-            if nxt is not None:
-                cur = nxt
-        if spec.col_lse:
-            ring.wait(col_work)  # after W hops our own columns' LSE is home, complete
-            col = col_in
-        else:
-            col = stats.new_zeros(0)
-            ctx.mark_non_differentiable(col)
-        ctx.spec, ctx.aux, ctx.backend, ctx.ring = spec, aux, backend, ring
-        ctx.single_set = q is k  # z against itself: dz = dq + dk, rounded once (as _autograd)
-        ctx.sizes, ctx.offsets, ctx.has_bias = sizes, offsets, bias is not None
-        if any(ctx.needs_input_grad[:4]):
-            ctx.save_for_backward(q, k, alpha, bias if bias is not None else alpha.new_zeros(()),
-                                  stats, col)
-        ctx.mark_non_differentiable(*top)
-        return stats, col, top[0], top[1]
-
-    @staticmethod
-    def backward(ctx, g_stats, g_col, _g_top_vals, _g_top_idx):
-        from ._autograd import refuse_double_backward
-
-        refuse_double_backward(ctx.backend, ctx.saved_tensors, (g_stats, g_col), ring=True)
-        q, k, alpha, bias, stats, col = ctx.saved_tensors
-        spec, aux, ring, sizes, offsets = ctx.spec, ctx.aux, ctx.ring, ctx.sizes, ctx.offsets
-        bias = bias if ctx.has_bias else None
-        impl = _backends.get(ctx.backend)
-        needs = tuple(ctx.needs_input_grad[:4])
-        cdt, dev, n, world = compute_dtype(q), q.device, q.shape[0], ring.world
-        g_stats = torch.zeros_like(stats) if g_stats is None else g_stats.to(stats.dtype)
-        if spec.col_lse:
-            g_col = torch.zeros_like(col) if g_col is None else g_col.to(col.dtype)
-        cur = _pack(k, aux.labels_k, aux.wb, col if spec.col_lse else None,
-                    g_col if spec.col_lse else None)
-        dq = torch.zeros(n, q.shape[1], dtype=cdt, device=dev)
-        da = torch.zeros(alpha.shape, dtype=cdt, device=dev)
-        db = torch.zeros((), dtype=cdt, device=dev)
-        send_dk = needs[1]  # same on every rank (checked in the handshake)
-        acc_in, acc_work = None, []
-        for s in range(world):
-            b = (ring.rank - s) % world
-            nxt, work = None, []
-            if s < world - 1:
-                nxt = _like(cur, sizes[(b - 1) % world])
-                work = ring.send_recv(cur, nxt, _TAG_DATA)
-            kb, labels, wb, colb, gcolb = _unpack(cur, aux, spec.col_lse)
-            dk = None
-            if n and kb.shape[0]:
-                dq_b, dk, da_b, db_b = impl.backward(
-                    spec, q, kb, alpha, bias, aux.with_columns(labels, wb, offsets[b]), stats,
-                    colb, g_stats, gcolb, needs)
-                # a backend returns None for a gradient nobody asked for (``needs``): a float
-                # or a 0-dim temperature without grad gives no dalpha partial
-                for acc, part in ((dq, dq_b), (da, da_b), (db, db_b)):
-                    if part is not None:
-                        acc.add_(part)
-            if send_dk:  # the block's dk accumulator follows it and comes home complete
-                dk = (dk.to(cdt) if dk is not None
-                      else torch.zeros(kb.shape[0], k.shape[1], dtype=cdt, device=dev))
-                if s > 0:
-                    ring.wait(acc_work)
-                    dk = dk + acc_in
-                acc_in = torch.empty(sizes[(b - 1) % world], k.shape[1], dtype=cdt, device=dev)
-                acc_out = dk  # referenced until its send completes
-                acc_work = ring.send_recv([acc_out], [acc_in], _TAG_ACC)
-            ring.wait(work)
-            if nxt is not None:
-                cur = nxt
-        dk_home = None
-        if send_dk:
-            ring.wait(acc_work)
-            dk_home = acc_in
-            if ctx.single_set:
-                dq, dk_home = dq + dk_home, None
-        return (dq.to(q.dtype) if needs[0] else None,
-                dk_home.to(k.dtype) if dk_home is not None else None,
-                da.to(alpha.dtype) if needs[2] else None,
-                db.to(bias.dtype) if needs[3] else None, None, None, None, None, None, None)
-
+# ---- the ring through the tile Function ---------------------------------------------------------
 
 def ring_tile_stats(spec: TileSpec, q, k, alpha, bias=None, aux: TileAux = None, backend="torch",
-                    group=None, options=None):
+                    group=None, options=None, pos=None):
     """Statistics of the local rows q [N_r, D] against ALL columns (every rank's k [M_r, D]).
 
     aux: row-side fields for the local rows (excl / pos as GLOBAL column indices); labels_k /
     wb for the local columns, which travel with them; ``aux.col_offset`` must be
     ``column_offset(M_r, group)``. alpha: 0-dim or [N_r]; bias: 0-dim or None.
     Returns (stats [S, N_r] fp32, col_lse [M_r] of the local columns over all global rows when
-    ``spec.col_lse``, else an empty tensor) and, with ``spec.topk``, the rows' hardest negatives
+    ``spec.col_lse``, else an empty tensor, s_pos [N_r] (empty without ``pos``)) and, with
+    ``spec.topk``, the rows' hardest negatives
     over all ranks' columns (vals, global idx; see ``_spec.py``). Differentiable in q, k, alpha
     and bias; every rank must call it (and its backward) with matching arguments.
     options: the loss's scalar options outside the TileSpec (name -> number, bool, str, tuple
     or None; the public argument names), checked across ranks with a 0-dim alpha and the bias.
+    pos: [N_r] LOCAL column of each row's positive (or None): then the third element is s_pos_i =
+    alpha_i <q_i, k_pos(i)>, differentiable, its gradient added inside the Function (as in one
+    process); the tuple is that of ``_autograd.tile_stats``.
     """
     aux = aux or TileAux()
     ring = Ring(group)
     sizes, offsets = _handshake(ring, spec, q, k, alpha, bias, aux, options)
-    stats, col, top_vals, top_idx = _RingTileStats.apply(q, k, alpha, bias, spec, aux, backend,
-                                                         ring, sizes, offsets)
-    return (stats, col) if not spec.topk else (stats, col, (top_vals, top_idx))
+    return tile_stats(spec, q, k, alpha, bias, aux, backend, pos, RingColumns(ring, sizes, offsets))
 
 
 # ---- O(N) global epilogues ---------------------------------------------------------------------
