@@ -261,8 +261,8 @@ def test_fused_matryoshka_on_minilm(example, minilm, monkeypatch):
     v_ref, g_ref = _model_grads(minilm, st_losses.MatryoshkaLoss(
         minilm, st_losses.MultipleNegativesRankingLoss(minilm), dims, weights), rows)
     calls = []
-    real = _matryoshka.info_nce
-    monkeypatch.setattr(_matryoshka, "info_nce", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = _matryoshka.matryoshka_info_nce
+    monkeypatch.setattr(_matryoshka, "matryoshka_info_nce", lambda *a, **k: calls.append(1) or real(*a, **k))
     fused = ours.MatryoshkaLoss(minilm, ours.MultipleNegativesRankingLoss(minilm, backend="torch"),
                                 dims, weights)
     v, g = _model_grads(minilm, fused, rows)

@@ -370,12 +370,12 @@ def _case(name, c: _Ctx):  # noqa: C901  (one branch per loss)
         ps = {"t": _p(0.7), "b": _p(-1.5)}
         return c.compare(lambda query, key, t, b: tilecl.siglip_loss(
             query, key, t.exp(), b, labels=lab, text_labels=tlab, backend="reference"),
-            lambda query, key, t, b: _family.siglip(query, key, t.exp(), b, lab[sl],
+            lambda query, key, t, b: _family.siglip_loss(query, key, t.exp(), b, lab[sl],
                                                     tlab[ksl[r]], "mean", "torch", grp),
             ins, {"query": sl, "key": ksl[r]}, ps)
     if name == "zero_uniformity":
         return c.compare(lambda x, t: tilecl.uniformity_loss(x, t=t, backend="reference"),
-                         lambda x, t: _family.uniformity(x, t, "torch", grp),
+                         lambda x, t: _family.uniformity_loss(x, t, "torch", grp),
                          {"x": F.normalize(_gen(7, n, D), dim=1)}, {"x": sl},
                          {"t": _p(2.0)})
     if name == "bf16_clip":  # blocks travel in bf16; loss and accumulators in fp32

@@ -28,13 +28,10 @@ class TileStatsFunction(torch.autograd.Function):
     def forward(ctx, q, k, alpha, bias, spec: TileSpec, aux: TileAux, backend: str, pos, columns):
         ctx.single_set = k is None  # z against itself: dz = dq + dk, summed before rounding
         k = q if k is None else k  # (one tensor input: torch.compile traces no duplicate inputs)
-        if spec.threshold and backend not in ("torch", "native", "triton"):
-            raise ValueError(f"the false-negative threshold flag (false_negative_margin / ratio) "
-                             f"is not implemented by the {backend!r} backend")
         impl = _backends.get(backend)
         n, cdt = q.shape[0], compute_dtype(q)
         fused = None  # SigLIP on triton, one process: the forward runs the dq pass as well
-        with_dq = getattr(impl, "forward_with_dq", None)
+        with_dq = impl.forward_with_dq
         if (with_dq is not None and columns.world == 1 and pos is None and not ctx.single_set
                 and ctx.needs_input_grad[0]):
             fused = with_dq(spec, q, k, alpha, bias, aux)
@@ -118,7 +115,7 @@ class TileStatsFunction(torch.autograd.Function):
             return _backward_fused_dq(ctx, impl, q, k, alpha, bias, stats, g_stats, saved_dq,
                                       needs)
         # a backend that finishes the gradients itself, chunk by chunk in a bounded workspace
-        final = getattr(impl, "backward_final", None) if q.dtype != torch.float64 else None
+        final = impl.backward_final if q.dtype != torch.float64 else None
         if spec.logit == "dist" and pos is not None:
             final = None  # its in-kernel positive pair is the dot-logit one
         if ctx.columns.world == 1:

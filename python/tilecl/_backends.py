@@ -1,13 +1,8 @@
 """Backend registry and ``backend="auto"`` selection (docs/architecture.md, Backends).
 
-A tile backend is a module with ``forward(spec, q, k, alpha, bias, aux)`` and
-``backward(spec, q, k, alpha, bias, aux, stats, col, g_stats, g_col, needs)`` (see
-``_torch_tiled.py``) and ``unavailable(device) -> str | None`` (None when it can run there).
-Optional hooks, used by ``_autograd`` when present (the triton backend has them):
-``backward_final(..., needs, pos, g_pos, single_set)`` returns the finished gradients in the
-inputs' dtypes within bounded memory (or None to decline), and ``forward_with_dq`` /
-``finish_dq`` let a forward also run the dq pass (SigLIP).
-``reference`` is not a tile backend: ``losses.py`` routes it to the dense oracle.
+A tile backend is a module that provides every name of :class:`Backend` (a capability it lacks
+is None / False, declared, never probed). ``reference`` is not a tile backend: ``losses.py``
+routes it to the dense oracle.
 """
 
 from __future__ import annotations
@@ -15,8 +10,41 @@ from __future__ import annotations
 import importlib
 import os
 import warnings
+from typing import Callable, Optional, Protocol
 
 import torch
+
+
+class Backend(Protocol):
+    """What a tile backend module provides (``_torch_tiled.py`` is the readable one)."""
+
+    def unavailable(self, device: torch.device) -> Optional[str]:
+        """None when the backend can run on ``device``, else a sentence saying why not."""
+
+    def forward(self, spec, q, k, alpha, bias, aux) -> tuple:
+        """(stats [S, N], col_lse [M] or None[, (top vals, top idx)]) of ``_spec.py``."""
+
+    def backward(self, spec, q, k, alpha, bias, aux, stats, col, g_stats, g_col,
+                 needs) -> tuple:
+        """(dq, dk, dalpha, dbias) in fp32 (float64 for float64), None where not needed."""
+
+    # The gradients finished in the inputs' dtypes within bounded memory, the positive pair and
+    # dz = dq + dk of one set included: ``backward_final(spec, q, k, alpha, bias, aux, stats,
+    # col, g_stats, g_col, needs, pos, g_pos, single_set, acc=None)``; with ``acc`` (fp32 dq,
+    # dk) it adds into them (a block of the ring). None to decline (float64). Or None.
+    backward_final: Optional[Callable]
+    # A forward that also runs the dq pass (SigLIP: G needs no row statistic), and the step
+    # that finishes dq once the upstream gradient is known. Or None.
+    forward_with_dq: Optional[Callable]
+    finish_dq: Optional[Callable]
+    # The backend computes every tile in fp32: the loss layer casts fp16 / bf16 inputs once.
+    upcast_inputs: bool
+    # The backend runs Matryoshka's nested prefixes in one fused sweep (``_matryoshka.py``).
+    prefix_sweep: bool
+
+
+_PROTOCOL = ("unavailable", "forward", "backward", "backward_final", "forward_with_dq",
+             "finish_dq", "upcast_inputs", "prefix_sweep")
 
 NAMES = ("auto", "reference", "torch", "triton", "native")
 
@@ -37,13 +65,19 @@ _cache: dict = {}
 def _load(name):
     if name not in _cache:
         try:
-            _cache[name] = importlib.import_module(_MODULES[name])
+            mod = importlib.import_module(_MODULES[name])
         except ImportError as exc:  # the backend's dependencies are missing
-            _cache[name] = exc
+            mod = exc
+        else:
+            missing = [a for a in _PROTOCOL if not hasattr(mod, a)]
+            if missing:
+                raise TypeError(f"tilecl backend module {_MODULES[name]} lacks {missing} of "
+                                f"_backends.Backend")
+        _cache[name] = mod
     return _cache[name]
 
 
-def get(name: str):
+def get(name: str) -> Backend:
     """The module of tile backend ``name`` (raises RuntimeError when it cannot be loaded)."""
     mod = _load(name)
     if isinstance(mod, Exception):

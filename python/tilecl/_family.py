@@ -14,21 +14,14 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._autograd import tile_stats
+from . import _backends
+from ._group import as_group
 from ._spec import SumSpec, TileAux, TileSpec, compute_dtype
 
 ALL, NEG, POS = SumSpec("all"), SumSpec("neg"), SumSpec("pos")
 
 
-# ---- hooks shared with the ring exchange (distributed.py) --------------------------------------
-
-def _world(group) -> int:
-    if group is None:
-        return 1
-    import torch.distributed as dist
-
-    return dist.get_world_size(group)
-
+# ---- the group the loss runs over (_group.py: one process, or the ring across ranks) ----------
 
 def _stats(spec, q, k, alpha, bias, aux, backend, group, pos=None, options=None):
     """(stats, col_lse, s_pos) of the local rows against the (global) columns; s_pos_i =
@@ -36,41 +29,28 @@ def _stats(spec, q, k, alpha, bias, aux, backend, group, pos=None, options=None)
     fourth element, the rows' hardest negatives (vals, global idx). options: the loss's scalar
     options, checked across ranks by the ring's handshake (the first sweep of a loss passes
     them, before any epilogue collective that they would change)."""
-    if _world(group) > 1:
-        from . import distributed
-
-        return distributed.ring_tile_stats(spec, q, k, alpha, bias, aux, backend, group,
-                                           options, pos)
-    return tile_stats(spec, q, k, alpha, bias, aux, backend, pos)
+    return as_group(group).tile_stats(spec, q, k, alpha, bias, aux, backend, pos, options)
 
 
 def _col_offset(m_local: int, group) -> int:
     """Global index of this rank's first column (columns are concatenated rank by rank)."""
-    if _world(group) > 1:
-        from . import distributed
-
-        return distributed.column_offset(m_local, group)
-    return 0
+    return as_group(group).column_offset(m_local)
 
 
 def _reduce(rows, reduction, denom, group):
     """'none' -> local rows; 'sum' / 'mean' -> the global sum (divided by the global denom)."""
     if reduction == "none":
         return rows
-    if _world(group) > 1:
-        from . import distributed
-
-        return distributed.reduce_rows(rows, reduction, denom, group)
-    total = rows.sum()
-    return total if reduction == "sum" else total / denom
+    return as_group(group).reduce(rows, reduction, denom)
 
 
 def _up(backend, group, *ts):
-    """fp16/bf16 operands as fp32 for the torch backend, which computes every tile in fp32
-    anyway: one cast instead of one per tile, and every gradient path (tile, positive gather,
-    prologue) accumulates in fp32 and is rounded to the input dtype once. Kernel backends take
-    the input dtype and upcast in registers. Under the ring, blocks travel in the input dtype."""
-    if backend != "torch" or _world(group) > 1:
+    """fp16/bf16 operands as fp32 for a backend that computes every tile in fp32 anyway (the
+    torch backend, ``upcast_inputs``): one cast instead of one per tile, and every gradient path
+    (tile, positive gather, prologue) accumulates in fp32 and is rounded to the input dtype once.
+    Kernel backends take the input dtype and upcast in registers. Under the ring, blocks travel
+    in the input dtype."""
+    if not (_backends.get(backend).upcast_inputs and as_group(group).local):
         return ts if len(ts) > 1 else ts[0]
     out = tuple(t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in ts)
     return out if len(out) > 1 else out[0]
@@ -90,11 +70,7 @@ def _arange(n, like, offset=0):
 
 def _global_mean(t, group):
     """Mean of the rows of t over the global batch (differentiable; all-reduced under the ring)."""
-    total = t.sum(0)
-    if _world(group) > 1:
-        from torch.distributed.nn.functional import all_reduce
-
-        total = all_reduce(total, group=group)
+    total = as_group(group).sum(t.sum(0))
     return total / _global_count(t.shape[0], group)
 
 
@@ -170,7 +146,7 @@ def info_nce(query, key, alpha, positive_index, symmetric, reduction, backend, g
     return loss, (vals / (a[:, None] if a.dim() else a), idx)  # logits back to similarities
 
 
-def siglip(image, text, alpha, bias, labels, text_labels, reduction, backend, group,
+def siglip_loss(image, text, alpha, bias, labels, text_labels, reduction, backend, group,
            options=None):
     image, text = _up(backend, group, image, text)
     n = image.shape[0]
@@ -215,14 +191,10 @@ def nt_xent(z1, z2, alpha, convention, reduction, backend, group, options=None):
 
 
 def _global_count(n_local, group):
-    if _world(group) > 1:
-        from . import distributed
-
-        return distributed.global_count(n_local, group)
-    return n_local
+    return as_group(group).count(n_local)
 
 
-def dcl(z1, z2, alpha, weighted, sigma, reduction, backend, group, options=None):
+def dcl_loss(z1, z2, alpha, weighted, sigma, reduction, backend, group, options=None):
     z, self_idx, pos, off = _two_view(z1, z2, group, backend)
     spec = TileSpec(positive="index", sums=(NEG,))
     aux = TileAux(excl=self_idx, pos=pos, col_offset=off)
@@ -234,7 +206,7 @@ def dcl(z1, z2, alpha, weighted, sigma, reduction, backend, group, options=None)
     return _reduce(stats[0] - w * s_pos, reduction, _global_count(z.shape[0], group), group)
 
 
-def hard_negative(z1, z2, alpha, tau_plus, beta, reduction, backend, group, options=None):
+def hcl_loss(z1, z2, alpha, tau_plus, beta, reduction, backend, group, options=None):
     """HCL (beta > 0, math.md 8.2) and debiased (beta = 0, 8.3), in log space."""
     z, self_idx, pos, off = _two_view(z1, z2, group, backend)
     sums = (SumSpec("neg", 1.0 + beta), SumSpec("neg", beta)) if beta > 0 else (NEG,)
@@ -263,16 +235,12 @@ def kernel_info_nce(z1, z2, alpha, gamma, eps, reduction, backend, group, option
     spec = TileSpec(logit="dist", gamma=float(gamma), sums=(ALL,))
     # x_pos_i = -|z_i - z_pos(i)|^gamma / T from the difference (math.md 7.2), inside the tile
     # Function: its gradient meets the tiles' in fp32 and is rounded to a 16-bit dtype once
-    single = _world(group) == 1
+    # (the partner is a local column, under the ring too)
     stats, _, x_pos = _stats(spec, z, z, alpha, None, TileAux(excl=self_idx, col_offset=off),
-                             backend, group, _partner(z1) if single else None,
-                             options=options)
+                             backend, group, _partner(z1), options=options)
     log_eps = math.log(eps)
     # log(clamp(neg, min=eps) + eps)
     log_den = torch.logaddexp(stats[0].clamp_min(log_eps), torch.full_like(stats[0], log_eps))
-    if not single:
-        dt = stats.dtype
-        x_pos = (-alpha * (z1.to(dt) - z2.to(dt)).norm(dim=1).pow(gamma)).repeat(2)
     return _reduce(log_den - x_pos, reduction, _global_count(z.shape[0], group), group)
 
 
@@ -301,10 +269,7 @@ def supcon(features, labels, alpha, factor, contrast_mode, variant, reduction, b
 
 def _label_count(labels_q, labels_k, group):
     """|P(i)| = number of columns with the anchor's label, minus itself (O(N log N))."""
-    if _world(group) > 1:
-        from . import distributed
-
-        labels_k = distributed.all_gather_1d(labels_k, group)
+    labels_k = as_group(group).gather_1d(labels_k)
     uniq, inv = torch.unique(labels_k, return_inverse=True)
     hist = torch.bincount(inv, minlength=uniq.numel())
     idx = torch.searchsorted(uniq, labels_q).clamp_max(uniq.numel() - 1)
@@ -313,7 +278,7 @@ def _label_count(labels_q, labels_k, group):
 
 # ---- CCL-K (math.md 5) ----------------------------------------------------------------------
 
-def cclk(z1, z2, alpha, weights, factors, mode, reduction, backend, group, options=None):
+def cclk_loss(z1, z2, alpha, weights, factors, mode, reduction, backend, group, options=None):
     """Per direction: rows z_a vs columns [z_b; z_a], self excluded, weight w_ij = W_{j mod B, i}.
 
     The positive column carries W_ii = 0, so the weighted sum runs over "neg" columns, which is
@@ -353,12 +318,7 @@ def cclk(z1, z2, alpha, weights, factors, mode, reduction, backend, group, optio
 
 def _gram_all(u, group):
     """U^T U of the global batch (no gradient: the weights are constants, math.md 5.1)."""
-    g = u.T @ u
-    if _world(group) > 1:
-        import torch.distributed as dist
-
-        dist.all_reduce(g, group=group)
-    return g
+    return as_group(group).sum_(u.T @ u)  # [r, B] @ [B, r]
 
 
 def cclk_factors(conditions, lam, group=None):
@@ -373,7 +333,7 @@ def cclk_factors(conditions, lam, group=None):
 
 # ---- uniformity (math.md 6) ---------------------------------------------------------------
 
-def uniformity(x, alpha, backend, group, options=None):
+def uniformity_loss(x, alpha, backend, group, options=None):
     """log mean_{i<j} exp(-t |x_i - x_j|^2) = LSE_i(lse_i) - log(N (N - 1))  (math.md 6.3)."""
     n = x.shape[0]
     x = _up(backend, group, x)
@@ -381,13 +341,7 @@ def uniformity(x, alpha, backend, group, options=None):
     spec = TileSpec(logit="dist", gamma=2.0, sums=(ALL,))
     stats, _, _ = _stats(spec, x, x, alpha, None, TileAux(excl=_arange(n, x, off), col_offset=off),
                       backend, group, options=options)
-    lse = stats[0]
-    if _world(group) > 1:
-        from . import distributed
-
-        total = distributed.logsumexp_all(lse, group)
-    else:
-        total = torch.logsumexp(lse, 0)
+    total = as_group(group).logsumexp(stats[0])
     ng = _global_count(n, group)
     return total - math.log(ng * (ng - 1))
 
@@ -401,11 +355,7 @@ def prior_apply(mu, prior, kernel, sigma, lam, group=None):
     if kernel == "cosine":
         u = F.normalize(prior.detach().double(), dim=1)
         c = lam * torch.eye(u.shape[1], dtype=u.dtype, device=u.device) + _gram_all(u, group)
-        utmu = u.T @ mu.double()  # [r, B] @ [B, d]
-        if _world(group) > 1:
-            from torch.distributed.nn.functional import all_reduce
-
-            utmu = all_reduce(utmu, group=group)
+        utmu = as_group(group).sum(u.T @ mu.double())  # [r, B] @ [B, d]
         return u.to(mu.dtype) @ torch.linalg.solve(c, utmu).to(mu.dtype)
     from .reference import prior_weights
 

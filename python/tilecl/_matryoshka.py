@@ -102,7 +102,7 @@ class _PrefixStats(torch.autograd.Function):
         return dq, dk, dr, du, None, None, None
 
 
-def info_nce(query, key, alpha, dims, weights, positive_index, symmetric, reduction):
+def matryoshka_info_nce(query, key, alpha, dims, weights, positive_index, symmetric, reduction):
     """sum_p w_p InfoNCE(normalize(q[:d_p]), normalize(k[:d_p])) with one fused tile sweep.
 
     alpha: 0-dim tensor; dims: sorted distinct ints; weights: floats. Returns the weighted sum

@@ -383,3 +383,10 @@ def unavailable(device):
         return ("tilecl._C was built without CUDA (set TILECL_BUILD_CUDA=1 with nvcc to build "
                 "it) and CuPy is not installed for the NVRTC fallback")
     return None
+
+
+# the rest of the backend protocol (_backends.Backend)
+backward_final = None  # the Function finishes the fp32 gradients
+forward_with_dq = finish_dq = None
+upcast_inputs = False  # the kernels upcast in registers
+prefix_sweep = False

@@ -401,3 +401,10 @@ def backward(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, g_stat
 def unavailable(device) -> None:
     """The torch backend runs wherever PyTorch does."""
     return None
+
+
+# the rest of the backend protocol (_backends.Backend)
+backward_final = None  # the Function finishes the fp32 gradients
+forward_with_dq = finish_dq = None
+upcast_inputs = True  # every tile is computed in fp32: the loss layer casts fp16 / bf16 once
+prefix_sweep = True  # _matryoshka.py

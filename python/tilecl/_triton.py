@@ -8,5 +8,8 @@ _triton -> _triton_backward -> _triton_gemm -> _triton_chunks -> _triton_backend
 from ._triton_backend import backward, forward, unavailable
 from ._triton_backward import backward_final, finish_dq, forward_with_dq, workspace_bytes
 
+upcast_inputs = False  # the kernels take fp16 / bf16 and upcast in registers
+prefix_sweep = False
+
 __all__ = ["forward", "backward", "unavailable", "backward_final", "forward_with_dq",
-           "finish_dq", "workspace_bytes"]
+           "finish_dq", "workspace_bytes", "upcast_inputs", "prefix_sweep"]

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from . import _backends, _family, _matryoshka, reference
 from . import _checks as C
+from ._group import as_group
 from ._spec import MAX_TOPK
 
 Scale = Union[float, Tensor]  # a Python number or a 0-dim tensor (gradient flows to it)
@@ -323,8 +324,8 @@ def matryoshka_info_nce(query: Tensor, key: Tensor, dims: Sequence[int], *,
         raise ValueError("symmetric=True needs key with as many rows as query and no positive_index")
     C.reduction(reduction)
     name = _route(backend, query.device, group)
-    if name == "torch" and (group is None or _family._world(group) == 1):
-        return _matryoshka.info_nce(query, key, alpha, dims, weights, positive_index, symmetric,
+    if name != "reference" and _backends.get(name).prefix_sweep and as_group(group).local:
+        return _matryoshka.matryoshka_info_nce(query, key, alpha, dims, weights, positive_index, symmetric,
                                     reduction)
     import torch.nn.functional as F
 
@@ -422,7 +423,7 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Scal
     if name == "reference":
         return reference.siglip_loss(image_features, text_features, alpha, bias, labels=labels,
                                      text_labels=text_labels, reduction=reduction)
-    return _family.siglip(image_features, text_features, alpha, bias, labels, text_labels,
+    return _family.siglip_loss(image_features, text_features, alpha, bias, labels, text_labels,
                           reduction, name, group, dict(reduction=reduction))
 
 
@@ -565,7 +566,7 @@ def dcl_loss(z1: Tensor, z2: Tensor, *, temperature: Scale = 0.1, weighted: bool
     opts = dict(weighted=bool(weighted), normalize=bool(normalize), reduction=reduction)
     if weighted:
         opts.update(sigma=sigma)
-    return _family.dcl(z1, z2, alpha, weighted, sigma, reduction, name, group, opts)
+    return _family.dcl_loss(z1, z2, alpha, weighted, sigma, reduction, name, group, opts)
 
 
 def _tau_plus(tau_plus):
@@ -601,7 +602,7 @@ def hcl_loss(z1: Tensor, z2: Tensor, *, temperature: Scale = 0.5, tau_plus: floa
     alpha = C.scale(temperature, None, z1)
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or beta < 0:
         raise ValueError(f"beta must be a float >= 0, got {beta!r}")
-    return _hard_negative(z1, z2, alpha, _tau_plus(tau_plus), float(beta), reduction, backend, group)
+    return _hcl(z1, z2, alpha, _tau_plus(tau_plus), float(beta), reduction, backend, group)
 
 
 @C.autocast_rule
@@ -624,10 +625,10 @@ def debiased_loss(z1: Tensor, z2: Tensor, *, temperature: Scale = 0.5, tau_plus:
     """
     _two_views(z1, z2, min_rows=2, group=group)
     alpha = C.scale(temperature, None, z1)
-    return _hard_negative(z1, z2, alpha, _tau_plus(tau_plus), 0.0, reduction, backend, group)
+    return _hcl(z1, z2, alpha, _tau_plus(tau_plus), 0.0, reduction, backend, group)
 
 
-def _hard_negative(z1, z2, alpha, tau_plus, beta, reduction, backend, group):
+def _hcl(z1, z2, alpha, tau_plus, beta, reduction, backend, group):
     C.reduction(reduction)
     name = _route(backend, z1.device, group)
     if name == "reference":
@@ -636,7 +637,7 @@ def _hard_negative(z1, z2, alpha, tau_plus, beta, reduction, backend, group):
                                       reduction=reduction)
         return reference.debiased_loss(z1, z2, temperature=1 / alpha, tau_plus=tau_plus,
                                        reduction=reduction)
-    return _family.hard_negative(z1, z2, alpha, tau_plus, beta, reduction, name, group,
+    return _family.hcl_loss(z1, z2, alpha, tau_plus, beta, reduction, name, group,
                                  dict(tau_plus=tau_plus, beta=beta, reduction=reduction))
 
 
@@ -732,7 +733,7 @@ def cclk_loss(z1: Tensor, z2: Tensor, weight_x: Optional[Tensor] = None,
         if name == "reference":
             return reference.cclk_loss(z1, z2, *weights, temperature=1 / alpha, mode=mode,
                                        reduction=reduction)
-        return _family.cclk(z1, z2, alpha, weights, None, mode, reduction, name, None)
+        return _family.cclk_loss(z1, z2, alpha, weights, None, mode, reduction, name, None)
     if not isinstance(conditions, (tuple, list)) or len(conditions) != 2:
         raise TypeError("conditions must be a pair (c_x [B, r], c_y [B, r])")
     for c, cn in zip(conditions, ("conditions[0]", "conditions[1]")):
@@ -747,7 +748,7 @@ def cclk_loss(z1: Tensor, z2: Tensor, weight_x: Optional[Tensor] = None,
                                    temperature=1 / alpha, mode=mode, reduction=reduction)
     factors = [_family.cclk_factors(c.detach().to(z1.dtype), lam, group) for c in conditions]
     opts = dict(mode=mode, lam=lam, normalize=bool(normalize), reduction=reduction)
-    return _family.cclk(z1, z2, alpha, None, factors, mode, reduction, name, group, opts)
+    return _family.cclk_loss(z1, z2, alpha, None, factors, mode, reduction, name, group, opts)
 
 
 @C.autocast_rule
@@ -775,7 +776,7 @@ def uniformity_loss(x: Tensor, *, t: Scale = 2.0, backend: str = "auto",
     name = _route(backend, x.device, group)
     if name == "reference":
         return reference.uniformity_loss(x, t=alpha)
-    return _family.uniformity(x, alpha, name, group, dict(loss="uniformity_loss"))
+    return _family.uniformity_loss(x, alpha, name, group, dict(loss="uniformity_loss"))
 
 
 @C.autocast_rule
@@ -828,4 +829,4 @@ def decoupled_uniformity(z: Tensor, prior: Optional[Tensor] = None, *, t: Scale 
     opts = dict(loss="decoupled_uniformity", prior=prior is not None)
     if prior is not None:
         opts.update(kernel=kernel, lam=lam)
-    return _family.uniformity(mu, alpha, name, group, opts)
+    return _family.uniformity_loss(mu, alpha, name, group, opts)
