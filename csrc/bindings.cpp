@@ -2,24 +2,27 @@
 // (python/tilecl/_native_backend.py) passes data pointers as integers, sizes, strides in
 // elements, dtype codes, flags as ints and the CUDA stream handle.
 //
-//   forward(spec: dict, prob: dict, stats: int, col: int, device: int, stream: int,
+//   forward(spec: str, prob: dict, stats: int, col: int, device: int, stream: int,
 //           top_vals: int = 0, top_idx: int = 0, topk: int = 0) -> None   (topk: CPU only)
-//   backward(spec: dict, prob: dict, io: dict, device: int, stream: int) -> None
-//   has_cuda() -> bool ; rtc_source() -> str (device code for NVRTC) ; codes() -> dict
+//   backward(spec: str, prob: dict, io: dict, device: int, stream: int) -> None
+//   kparams(spec: str, prob: dict, bufs: dict) -> bytes (one CUDA launch's arguments, for NVRTC)
+//   has_cuda() -> bool ; rtc_source() -> str (device code for NVRTC)
 //   launch_plan(mode: int, n, m, d, in_bytes: int, dist: bool, grad_out: bool) -> dict
 //     (grid and global traffic of one CUDA kernel launch, cuda/tile_launch.h; what both CUDA
 //     launchers run) ; sync_check() -> bool (TILECL_CUDA_SYNC_CHECK, ValueError if malformed)
 //
-// spec keys: logit, gamma, positive, n_sums, cols (list), beta (list), weighted (list), lin,
-//   sigmoid, col_lse, weight, weight_clip   (codes of tile_math.h)
+// spec: TileSpec.key() (python/tilecl/_spec.py), parsed by make_spec below
 // prob keys: dtype, n, m, d, q, sq0, sq1, k, sk0, sk1, alpha, bias, excl, pos, labels_q, labels_k,
 //   weight, mw, wa, wb, rank, col_offset, threads, [thresh]   (pointers as ints, 0 = none)
 // io keys: stats, col, g_stats, g_col, dq, dk, gx, gsum
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstdlib>
+#include <initializer_list>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cuda/tile_launch.h"
@@ -42,32 +45,83 @@ P* ptr(const py::dict& d, const char* key) {
   return reinterpret_cast<P*>(static_cast<uintptr_t>(get<uint64_t>(d, key)));
 }
 
-tilecl::Spec make_spec(const py::dict& d) {
-  tilecl::Spec s{};
-  s.logit = get<int>(d, "logit");
-  s.gamma = get<double>(d, "gamma");
-  s.positive = get<int>(d, "positive");
-  s.n_sums = get<int>(d, "n_sums");
-  if (s.n_sums < 0 || s.n_sums > 2) throw std::invalid_argument("tilecl._C: n_sums must be 0..2");
-  auto cols = get<std::vector<int>>(d, "cols");
-  auto beta = get<std::vector<double>>(d, "beta");
-  auto weighted = get<std::vector<int>>(d, "weighted");
-  if ((int)cols.size() != s.n_sums || (int)beta.size() != s.n_sums || (int)weighted.size() != s.n_sums)
-    throw std::invalid_argument("tilecl._C: cols / beta / weighted need n_sums entries");
-  for (int k = 0; k < 2; ++k) {
-    s.cols[k] = k < s.n_sums ? cols[k] : 0;
-    s.beta[k] = k < s.n_sums ? beta[k] : 1.0;
-    s.weighted[k] = k < s.n_sums ? weighted[k] : 0;
+int code_of(const std::string& v, std::initializer_list<const char*> names, const char* field) {
+  int i = 0;
+  for (const char* n : names) {
+    if (v == n) return i;
+    ++i;
   }
-  s.lin = get<int>(d, "lin");
-  s.sigmoid = get<int>(d, "sigmoid");
-  s.col_lse = get<int>(d, "col_lse");
-  s.weight = get<int>(d, "weight");
-  s.weight_clip = get<double>(d, "weight_clip");
+  throw std::invalid_argument(std::string("tilecl._C: bad spec key: ") + field + "=" + v);
+}
+
+double number_of(const std::string& v, const char* field) {
+  char* end = nullptr;
+  const double x = std::strtod(v.c_str(), &end);
+  if (v.empty() || *end != '\0')
+    throw std::invalid_argument(std::string("tilecl._C: bad spec key: ") + field + "=" + v);
+  return x;
+}
+
+std::vector<std::string> split(const std::string& s, char sep) {
+  std::vector<std::string> out;
+  size_t start = 0;
+  while (true) {
+    const size_t at = s.find(sep, start);
+    out.push_back(s.substr(start, at == std::string::npos ? std::string::npos : at - start));
+    if (at == std::string::npos) return out;
+    start = at + 1;
+  }
+}
+
+// The spec from its one text encoding, TileSpec.key() (python/tilecl/_spec.py): name=value pairs
+// separated by ';', sums as ','-separated cols:beta:weighted, booleans 0 / 1, floats as repr.
+tilecl::Spec make_spec(const std::string& key) {
+  tilecl::Spec s{};
+  s.beta[0] = s.beta[1] = 1.0;
+  int seen = 0;
+  for (const std::string& item : split(key, ';')) {
+    const size_t eq = item.find('=');
+    if (eq == std::string::npos) throw std::invalid_argument("tilecl._C: bad spec key: " + key);
+    const std::string name = item.substr(0, eq), v = item.substr(eq + 1);
+    ++seen;
+    if (name == "logit") {
+      s.logit = code_of(v, {"dot", "dist"}, "logit");
+    } else if (name == "gamma") {
+      s.gamma = number_of(v, "gamma");
+    } else if (name == "positive") {
+      s.positive = code_of(v, {"none", "index", "label"}, "positive");
+    } else if (name == "sums") {
+      const std::vector<std::string> sums = v.empty() ? std::vector<std::string>{} : split(v, ',');
+      if (sums.size() > 2) throw std::invalid_argument("tilecl._C: at most two sums: " + v);
+      s.n_sums = static_cast<int>(sums.size());
+      for (int k = 0; k < s.n_sums; ++k) {
+        const std::vector<std::string> f = split(sums[k], ':');
+        if (f.size() != 3) throw std::invalid_argument("tilecl._C: bad sum in spec key: " + sums[k]);
+        s.cols[k] = code_of(f[0], {"all", "pos", "neg"}, "sums cols");
+        s.beta[k] = number_of(f[1], "sums beta");
+        s.weighted[k] = code_of(f[2], {"0", "1"}, "sums weighted");
+      }
+    } else if (name == "lin") {
+      s.lin = code_of(v, {"0", "1"}, "lin");
+    } else if (name == "sigmoid") {
+      s.sigmoid = code_of(v, {"0", "1"}, "sigmoid");
+    } else if (name == "col_lse") {
+      s.col_lse = code_of(v, {"0", "1"}, "col_lse");
+    } else if (name == "weight") {
+      s.weight = code_of(v, {"none", "dense", "lowrank"}, "weight");
+    } else if (name == "weight_clip") {
+      s.weight_clip = number_of(v, "weight_clip");
+    } else if (name == "threshold" || name == "topk") {
+      number_of(v, name.c_str());  // read from the problem (thresh) and the call (topk)
+    } else {
+      throw std::invalid_argument("tilecl._C: unknown field in spec key: " + name);
+    }
+  }
+  if (seen != 11) throw std::invalid_argument("tilecl._C: spec key needs 11 fields: " + key);
   return s;
 }
 
-Problem make_problem(const py::dict& spec, const py::dict& d) {
+Problem make_problem(const std::string& spec, const py::dict& d) {
   Problem p{};
   p.spec = make_spec(spec);
   p.dtype = get<int>(d, "dtype");
@@ -114,7 +168,7 @@ Problem make_problem(const py::dict& spec, const py::dict& d) {
 }
 #endif
 
-void forward(const py::dict& spec, const py::dict& prob, uint64_t stats, uint64_t col, int device,
+void forward(const std::string& spec, const py::dict& prob, uint64_t stats, uint64_t col, int device,
              uint64_t stream, uint64_t top_vals, uint64_t top_idx, int topk) {
   const Problem p = make_problem(spec, prob);
   tilecl::ForwardOut out{reinterpret_cast<void*>(stats), reinterpret_cast<void*>(col),
@@ -135,7 +189,7 @@ void forward(const py::dict& spec, const py::dict& prob, uint64_t stats, uint64_
   }
 }
 
-void backward(const py::dict& spec, const py::dict& prob, const py::dict& io_d, int device,
+void backward(const std::string& spec, const py::dict& prob, const py::dict& io_d, int device,
               uint64_t stream) {
   const Problem p = make_problem(spec, prob);
   tilecl::BackwardIO io{};
@@ -160,6 +214,33 @@ void backward(const py::dict& spec, const py::dict& prob, const py::dict& io_d, 
     no_cuda();
 #endif
   }
+}
+
+// The bytes of the KParams of one launch (tile_math.h, filled by tile_api.h make_params), for
+// the NVRTC launcher, which passes them through a device pointer: its buffers by name (absent or
+// 0: null), the keys of KParams' buffer fields.
+py::bytes kparams(const std::string& spec, const py::dict& prob, const py::dict& bufs) {
+  const Problem p = make_problem(spec, prob);
+  tilecl::KParams k = tilecl::make_params(p);
+  const std::pair<const char*, void**> fields[] = {
+      {"stats", reinterpret_cast<void**>(&k.stats)},
+      {"col", reinterpret_cast<void**>(&k.col)},
+      {"stats_in", reinterpret_cast<void**>(const_cast<float**>(&k.stats_in))},
+      {"col_in", reinterpret_cast<void**>(const_cast<float**>(&k.col_in))},
+      {"g_stats", reinterpret_cast<void**>(const_cast<float**>(&k.g_stats))},
+      {"g_col", reinterpret_cast<void**>(const_cast<float**>(&k.g_col))},
+      {"dq", reinterpret_cast<void**>(&k.dq)},
+      {"dk", reinterpret_cast<void**>(&k.dk)},
+      {"gx", reinterpret_cast<void**>(&k.gx)},
+      {"gsum", reinterpret_cast<void**>(&k.gsum)}};
+  size_t used = 0;
+  for (const auto& f : fields) {
+    if (!bufs.contains(f.first)) continue;
+    *f.second = reinterpret_cast<void*>(static_cast<uintptr_t>(bufs[f.first].cast<uint64_t>()));
+    ++used;
+  }
+  if (used != bufs.size()) throw std::invalid_argument("tilecl._C.kparams: unknown buffer name");
+  return py::bytes(reinterpret_cast<const char*>(&k), sizeof(k));
 }
 
 }  // namespace
@@ -209,14 +290,6 @@ PYBIND11_MODULE(_C, m) {
         "Whether TILECL_CUDA_SYNC_CHECK asks for a device sync and error check after every CUDA launch.");
   m.def("rtc_source", [] { return std::string(tilecl_rtc_source); },
         "The CUDA device code (tile_math.h + cuda/tile_kernels.cuh) for NVRTC / CuPy RawModule.");
-  m.def("codes", [] {
-    py::dict d;
-    d["logit"] = py::dict(py::arg("dot") = 0, py::arg("dist") = 1);
-    d["positive"] = py::dict(py::arg("none") = 0, py::arg("index") = 1, py::arg("label") = 2);
-    d["cols"] = py::dict(py::arg("all") = 0, py::arg("pos") = 1, py::arg("neg") = 2);
-    d["weight"] = py::dict(py::arg("none") = 0, py::arg("dense") = 1, py::arg("lowrank") = 2);
-    d["dtype"] = py::dict(py::arg("float32") = 0, py::arg("float64") = 1, py::arg("float16") = 2,
-                          py::arg("bfloat16") = 3);
-    return d;
-  });
+  m.def("kparams", &kparams, py::arg("spec"), py::arg("prob"), py::arg("bufs"),
+        "The bytes of one CUDA launch's KParams (tile_math.h) for the NVRTC launcher.");
 }

@@ -66,6 +66,61 @@ struct BackwardIO {
   void* gsum;
 };
 
+// The side data of a problem as the tile code reads it (tile_math.h Aux), in the compute type T.
+template <typename T>
+Aux<T> make_aux(const Problem& p) {
+  Aux<T> a;
+  a.excl = p.excl;
+  a.pos = p.pos;
+  a.labels_q = p.labels_q;
+  a.labels_k = p.labels_k;
+  a.weight = static_cast<const T*>(p.weight);
+  a.mw = p.mw;
+  a.wa = static_cast<const T*>(p.wa);
+  a.wb = static_cast<const T*>(p.wb);
+  a.rank = p.rank;
+  a.col_offset = p.col_offset;
+  a.thresh = static_cast<const T*>(p.thresh);
+  return a;
+}
+
+// The kernel arguments of a problem (KParams, tile_math.h),
+// then the buffers of a forward or a backward pass. CUDA launches pass it by value; NVRTC
+// launches get its bytes from tilecl._C.kparams.
+inline KParams make_params(const Problem& p) {
+  KParams k{};
+  k.spec = p.spec;
+  k.n = p.n;
+  k.m = p.m;
+  k.d = p.d;
+  k.q = p.q;
+  k.sq0 = p.sq0;
+  k.sq1 = p.sq1;
+  k.k = p.k;
+  k.sk0 = p.sk0;
+  k.sk1 = p.sk1;
+  k.alpha = static_cast<const float*>(p.alpha);
+  k.bias = static_cast<const float*>(p.bias);
+  k.aux = make_aux<float>(p);
+  return k;
+}
+
+inline void set_outputs(KParams& k, const ForwardOut& out) {
+  k.stats = static_cast<float*>(out.stats);
+  k.col = static_cast<float*>(out.col);
+}
+
+inline void set_io(KParams& k, const BackwardIO& io) {
+  k.stats_in = static_cast<const float*>(io.stats);
+  k.col_in = static_cast<const float*>(io.col);
+  k.g_stats = static_cast<const float*>(io.g_stats);
+  k.g_col = static_cast<const float*>(io.g_col);
+  k.dq = static_cast<float*>(io.dq);
+  k.dk = static_cast<float*>(io.dk);
+  k.gx = static_cast<float*>(io.gx);
+  k.gsum = static_cast<float*>(io.gsum);
+}
+
 void cpu_forward(const Problem& p, const ForwardOut& out);
 void cpu_backward(const Problem& p, const BackwardIO& io);
 

@@ -70,6 +70,31 @@ struct Aux {
                             // x_ij > thresh_i is a false negative and leaves every sum
 };
 
+// The arguments of one CUDA tile kernel launch: the problem (tile_api.h Problem, in the compute
+// type) and the pass's buffers. Plain data, the same layout on the host (tile_api.h make_params,
+// tilecl._C.kparams for NVRTC launches) and on the device (cuda/tile_kernels.cuh).
+struct KParams {
+  Spec spec;
+  int64_t n, m, d;
+  const void* q;
+  int64_t sq0, sq1;
+  const void* k;
+  int64_t sk0, sk1;
+  const float* alpha;  // [N]
+  const float* bias;   // scalar or null
+  Aux<float> aux;
+  float* stats;  // forward: [S, N]
+  float* col;    // forward: [M]
+  const float* stats_in;  // backward: saved [S, N], [M] and their upstream gradients
+  const float* col_in;
+  const float* g_stats;
+  const float* g_col;
+  float* dq;    // [N, D] accumulated (null: not needed)
+  float* dk;    // [M, D]
+  float* gx;    // [N]: sum_j G_ij x_ij
+  float* gsum;  // [N]: sum_j G_ij
+};
+
 #ifdef __CUDACC_RTC__  // NVRTC: device code only, no __builtin_huge_val
 template <typename T>
 __device__ __forceinline__ T neg_inf() {

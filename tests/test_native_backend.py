@@ -604,7 +604,6 @@ def fake_rtc(monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(cuda=cuda))
     fake = _FakeRtc()
     monkeypatch.setitem(native._rtc_cache, "module", fake)
-    monkeypatch.setitem(native._rtc_cache, "KParams", native._kparams_type())
     return fake
 
 
@@ -812,3 +811,23 @@ def test_native_cpu_row_block_groups(case, dt, threads):
     keep = [i for i in range(len(got)) if i not in skip]
     assert_match([got[i] for i in keep], [want[i] for i in keep], rtol,
                  f"{case} {dt} threads={threads}", [NAMES[i] for i in keep])
+
+
+def test_spec_key_parsed_by_the_module():
+    """The native dispatch takes TileSpec.key() (the one encoding): every case's key round-trips
+    through _C (the loss matches the torch backend in the parity tests); a malformed key is a
+    ValueError naming what is wrong, never a default."""
+    gen = torch.Generator().manual_seed(5)
+    spec, q, k, alpha, bias, aux = make_case("clip_symmetric", 7, 3, torch.float32, gen)
+    p = native._Prepared(spec, q, k, alpha, bias, aux)
+    assert p.spec == spec.key()
+    raw = native._C.kparams(p.spec, p.prob, {"stats": 16, "dq": 32})
+    assert isinstance(raw, bytes) and len(raw) > 100
+    for bad, what in ((spec.key().replace("logit=dot", "logit=cos"), "logit=cos"),
+                      (spec.key().replace(";topk=0", ""), "11 fields"),
+                      (spec.key().replace("gamma=2.0", "gamma=2x"), "gamma=2x"),
+                      (spec.key() + ";extra=1", "extra")):
+        with pytest.raises(ValueError, match=what):
+            native._C.kparams(bad, p.prob, {})
+    with pytest.raises(ValueError, match="unknown buffer"):
+        native._C.kparams(p.spec, p.prob, {"nope": 1})

@@ -56,23 +56,6 @@ inline bool use_array_epilogue() {
   return !(env && env[0] == '1');
 }
 
-template <typename T>
-Aux<T> make_aux(const Problem& p) {
-  Aux<T> a;
-  a.excl = p.excl;
-  a.pos = p.pos;
-  a.labels_q = p.labels_q;
-  a.labels_k = p.labels_k;
-  a.weight = static_cast<const T*>(p.weight);
-  a.mw = p.mw;
-  a.wa = static_cast<const T*>(p.wa);
-  a.wb = static_cast<const T*>(p.wb);
-  a.rank = p.rank;
-  a.col_offset = p.col_offset;
-  a.thresh = static_cast<const T*>(p.thresh);
-  return a;
-}
-
 // Column block size: BC, halved (in multiples of NR) while there are fewer column blocks than
 // threads (the column sweep of the backward is parallel over column blocks).
 inline int64_t col_block(int64_t m, int nt) {

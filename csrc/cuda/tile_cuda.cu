@@ -34,33 +34,6 @@ const char* mode_name(int mode) {
   return names[mode];
 }
 
-KParams make_params(const Problem& p) {
-  KParams k{};
-  k.spec = p.spec;
-  k.n = p.n;
-  k.m = p.m;
-  k.d = p.d;
-  k.q = p.q;
-  k.sq0 = p.sq0;
-  k.sq1 = p.sq1;
-  k.k = p.k;
-  k.sk0 = p.sk0;
-  k.sk1 = p.sk1;
-  k.alpha = static_cast<const float*>(p.alpha);
-  k.bias = static_cast<const float*>(p.bias);
-  k.aux.excl = p.excl;
-  k.aux.pos = p.pos;
-  k.aux.labels_q = p.labels_q;
-  k.aux.labels_k = p.labels_k;
-  k.aux.weight = static_cast<const float*>(p.weight);
-  k.aux.mw = p.mw;
-  k.aux.wa = static_cast<const float*>(p.wa);
-  k.aux.wb = static_cast<const float*>(p.wb);
-  k.aux.rank = p.rank;
-  k.aux.col_offset = p.col_offset;
-  k.aux.thresh = static_cast<const float*>(p.thresh);
-  return k;
-}
 
 template <typename Tin, int MODE, bool DIST>
 void launch(const Problem& p, const KParams& kp, bool grad_out, cudaStream_t stream) {
@@ -105,8 +78,7 @@ void run_mode(const Problem& p, const KParams& kp, bool grad_out, cudaStream_t s
 void cuda_forward(const Problem& p, const ForwardOut& out, void* stream) {
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   KParams kp = make_params(p);
-  kp.stats = static_cast<float*>(out.stats);
-  kp.col = static_cast<float*>(out.col);
+  set_outputs(kp, out);
   run_mode<MODE_FWD_ROWS>(p, kp, false, s);
   if (p.spec.col_lse) run_mode<MODE_FWD_COLS>(p, kp, false, s);
 }
@@ -114,14 +86,7 @@ void cuda_forward(const Problem& p, const ForwardOut& out, void* stream) {
 void cuda_backward(const Problem& p, const BackwardIO& io, void* stream) {
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   KParams kp = make_params(p);
-  kp.stats_in = static_cast<const float*>(io.stats);
-  kp.col_in = static_cast<const float*>(io.col);
-  kp.g_stats = static_cast<const float*>(io.g_stats);
-  kp.g_col = static_cast<const float*>(io.g_col);
-  kp.dq = static_cast<float*>(io.dq);
-  kp.dk = static_cast<float*>(io.dk);
-  kp.gx = static_cast<float*>(io.gx);
-  kp.gsum = static_cast<float*>(io.gsum);
+  set_io(kp, io);
   if (kp.dq || kp.gx || kp.gsum) run_mode<MODE_BWD_DQ>(p, kp, kp.dq != nullptr, s);
   if (kp.dk) run_mode<MODE_BWD_DK>(p, kp, true, s);
 }

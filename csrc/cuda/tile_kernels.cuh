@@ -31,28 +31,8 @@ namespace tilecl {
 constexpr int kLDX = kBN + 4;  // leading dim of the fp32 tile (multiple of 4 for WMMA stores)
 constexpr int kLDO = kSub;     // leading dim of the fp32 operand sub-chunk of the second GEMMs
 
-// Kernel arguments (by value for nvcc launches, through a device pointer for NVRTC ones).
-struct KParams {
-  Spec spec;
-  int64_t n, m, d;
-  const void* q;
-  int64_t sq0, sq1;
-  const void* k;
-  int64_t sk0, sk1;
-  const float* alpha;  // [N]
-  const float* bias;   // scalar or null
-  Aux<float> aux;
-  float* stats;  // forward: [S, N]
-  float* col;    // forward: [M]
-  const float* stats_in;  // backward: saved [S, N], [M] and their upstream gradients
-  const float* col_in;
-  const float* g_stats;
-  const float* g_col;
-  float* dq;    // [N, D] accumulated (null: not needed)
-  float* dk;    // [M, D]
-  float* gx;    // [N]: sum_j G_ij x_ij
-  float* gsum;  // [N]: sum_j G_ij
-};
+// Kernel arguments: KParams (tile_math.h), by value for nvcc launches, through a device
+// pointer for NVRTC ones (its bytes from tilecl._C.kparams).
 
 template <typename Tin>
 __device__ __forceinline__ float to_f(Tin v);

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from . import _ops
-from ._spec import COLUMNS, LOGITS, POSITIVES, WEIGHTS, TileAux, TileSpec, compute_dtype, empty_topk
+from ._spec import TileAux, TileSpec, compute_dtype, empty_topk
 
 try:
     from . import _C
@@ -37,23 +37,6 @@ else:
     _IMPORT_ERROR = None
 
 _DTYPES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
-
-
-def _spec_dict(spec: TileSpec) -> dict:
-    return {
-        "logit": LOGITS.index(spec.logit),
-        "gamma": float(spec.gamma),
-        "positive": POSITIVES.index(spec.positive),
-        "n_sums": len(spec.sums),
-        "cols": [COLUMNS.index(s.cols) for s in spec.sums],
-        "beta": [float(s.beta) for s in spec.sums],
-        "weighted": [int(s.weighted) for s in spec.sums],
-        "lin": int(spec.lin),
-        "sigmoid": int(spec.sigmoid),
-        "col_lse": int(spec.col_lse),
-        "weight": WEIGHTS.index(spec.weight),
-        "weight_clip": float(spec.weight_clip),
-    }
 
 
 def _ptr(t):
@@ -106,7 +89,8 @@ class _Prepared:
             "col_offset": int(aux.col_offset), "thresh": _ptr(self.thresh),
             "threads": torch.get_num_threads() if q.device.type == "cpu" else 0,
         }
-        self.spec = _spec_dict(spec)
+        self.spec = spec.key()  # the one encoding, parsed by tilecl._C
+        self.dist = spec.logit == "dist"
 
 
 def _device_args(t):
@@ -238,8 +222,8 @@ def backward(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, g_stat
 
 # ---- NVRTC fallback: the same device code (tilecl._C.rtc_source()) through CuPy's RawModule ----
 # Used for CUDA tensors when tilecl._C was built without nvcc. The kernels take a pointer to a
-# KParams (csrc/cuda/tile_kernels.cuh) in device memory; the ctypes mirror below must keep its
-# field order and types (natural alignment, the same on host and device for x86-64 / aarch64).
+# KParams (csrc/tile_math.h) in device memory, whose bytes tilecl._C.kparams builds with the
+# same make_params as the nvcc launches (one layout, host and device).
 
 _RTC_MODES = {"fwd_rows": 0, "fwd_cols": 1, "bwd_dq": 2, "bwd_dk": 3}
 _RTC_TYPES = {0: "float", 2: "__half", 3: "__nv_bfloat16"}
@@ -269,33 +253,6 @@ def _sync_checked(name: str, grid, device):
                            f"(TILECL_CUDA_SYNC_CHECK): {exc}") from exc
 
 
-def _kparams_type():
-    import ctypes as c
-
-    class Spec(c.Structure):
-        _fields_ = [("logit", c.c_int), ("gamma", c.c_double), ("positive", c.c_int),
-                    ("n_sums", c.c_int), ("cols", c.c_int * 2), ("beta", c.c_double * 2),
-                    ("weighted", c.c_int * 2), ("lin", c.c_int), ("sigmoid", c.c_int),
-                    ("col_lse", c.c_int), ("weight", c.c_int), ("weight_clip", c.c_double)]
-
-    class Aux(c.Structure):
-        _fields_ = [("excl", c.c_void_p), ("pos", c.c_void_p), ("labels_q", c.c_void_p),
-                    ("labels_k", c.c_void_p), ("weight", c.c_void_p), ("mw", c.c_int64),
-                    ("wa", c.c_void_p), ("wb", c.c_void_p), ("rank", c.c_int64),
-                    ("col_offset", c.c_int64), ("thresh", c.c_void_p)]
-
-    ptrs = ["stats", "col", "stats_in", "col_in", "g_stats", "g_col", "dq", "dk", "gx", "gsum"]
-
-    class KParams(c.Structure):
-        _fields_ = ([("spec", Spec), ("n", c.c_int64), ("m", c.c_int64), ("d", c.c_int64),
-                     ("q", c.c_void_p), ("sq0", c.c_int64), ("sq1", c.c_int64),
-                     ("k", c.c_void_p), ("sk0", c.c_int64), ("sk1", c.c_int64),
-                     ("alpha", c.c_void_p), ("bias", c.c_void_p), ("aux", Aux)]
-                    + [(name, c.c_void_p) for name in ptrs])
-
-    return KParams
-
-
 def _rtc_module():
     if "module" not in _rtc_cache:
         import cupy
@@ -305,8 +262,7 @@ def _rtc_module():
         mod = cupy.RawModule(code=_C.rtc_source(), options=("-std=c++17", "-DTILECL_RTC_CONCAT"),
                              name_expressions=names)
         _rtc_cache["module"] = mod
-        _rtc_cache["KParams"] = _kparams_type()
-    return _rtc_cache["module"], _rtc_cache["KParams"]
+    return _rtc_cache["module"]
 
 
 def _rtc_launch(p: "_Prepared", modes, outs: dict, device, stream):
@@ -317,27 +273,12 @@ def _rtc_launch(p: "_Prepared", modes, outs: dict, device, stream):
 
     if p.prob["dtype"] not in _RTC_TYPES:
         raise RuntimeError("the native CUDA kernels take float32, float16 or bfloat16 inputs")
-    mod, KParams = _rtc_module()
-    kp = KParams()
-    s = p.spec
-    kp.spec.logit, kp.spec.gamma, kp.spec.positive, kp.spec.n_sums = (
-        s["logit"], s["gamma"], s["positive"], s["n_sums"])
-    for i in range(s["n_sums"]):
-        kp.spec.cols[i], kp.spec.beta[i], kp.spec.weighted[i] = s["cols"][i], s["beta"][i], s["weighted"][i]
-    for key in ("lin", "sigmoid", "col_lse", "weight", "weight_clip"):
-        setattr(kp.spec, key, s[key])
+    mod = _rtc_module()
     pr = p.prob
-    for key in ("n", "m", "d", "q", "sq0", "sq1", "k", "sk0", "sk1", "alpha", "bias"):
-        setattr(kp, key, pr[key] or None if key in ("q", "k", "alpha", "bias") else pr[key])
-    for key in ("excl", "pos", "labels_q", "labels_k", "weight", "wa", "wb", "thresh"):
-        setattr(kp.aux, key, pr[key] or None)
-    kp.aux.mw, kp.aux.rank, kp.aux.col_offset = pr["mw"], pr["rank"], pr["col_offset"]
-    for key, v in outs.items():
-        setattr(kp, key, v or None)
-    raw = bytes(memoryview(kp).cast("B"))
+    raw = _C.kparams(p.spec, pr, {key: int(v or 0) for key, v in outs.items()})
     buf = torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(device, non_blocking=False)
     t = _RTC_TYPES[pr["dtype"]]
-    dist = "true" if s["logit"] == 1 else "false"
+    dist = "true" if p.dist else "false"
     sync = _C.sync_check()
     with cupy.cuda.Device(device.index), cupy.cuda.ExternalStream(stream):
         for mode in modes:
