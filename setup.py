@@ -201,7 +201,7 @@ ext_modules = [] if _flag("TILECL_SKIP_NATIVE") else [CMakeExtension("tilecl._C"
 
 setup(
     package_dir={"tilecl": "python/tilecl", "tilecl.tritonops": "tritonops"},
-    packages=["tilecl", "tilecl.tritonops", "tilecl.compat"],
+    packages=["tilecl", "tilecl._triton", "tilecl.tritonops", "tilecl.compat"],
     package_data={"tilecl": ["py.typed"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": CMakeBuild},

@@ -31,7 +31,7 @@ import tempfile
 
 os.environ.pop("TRITON_INTERPRET", None)  # compile the real kernels, not the interpreter's
 
-FLAG_SETS = {  # the constexpr flags of a few losses (see tilecl._triton_backend._flags)
+FLAG_SETS = {  # the constexpr flags of a few losses (see tilecl._triton.common._flags)
     "clip": dict(POSITIVE=1, N_SUMS=1, COL_LSE=True, COL_ATOMIC=True),
     "supcon": dict(HAS_EXCL=True, POSITIVE=2, N_SUMS=2, C0=1),
     "hcl": dict(HAS_EXCL=True, POSITIVE=1, N_SUMS=2, C0=2, B0=1.5, C1=2, B1=0.5),

@@ -92,7 +92,7 @@ def main(argv=None):
     if loaded:
         print(f"WARNING: {loaded}", flush=True)
     out = args.out or (tempfile.mkdtemp(prefix="tilecl-bench-smoke-") if suite.name == "smoke"
-                       else suites.out_dir(env))
+                       else report.out_dir(env))
     os.makedirs(out, exist_ok=True)
     target = [r for r in records if r.get("group") == "target"]
     summary = suites.target_markdown(target) if target else ""

@@ -132,6 +132,12 @@ def device_slug(env: dict) -> str:
     return "-".join(name.split())[:32] or "gpu"
 
 
+def out_dir(env, root=None):
+    """bench/results/<date>-<device> (or under ``root``)."""
+    root = root or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    return os.path.join(root, f"{env['date_utc'][:10]}-{device_slug(env)}")
+
+
 # ---- JSON ----------------------------------------------------------------------------------------
 
 def write_json(path, env, records, extra=None):

@@ -11,7 +11,6 @@ a wall-clock budget (points past the budget are recorded as skipped, never dropp
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 
@@ -200,10 +199,3 @@ def run(suite: Suite, log=print, only_losses=None):
                                cfg, time_cap_s=suite.time_cap_s, deadline=deadline, log=log)
     log(f"suite {suite.name}: {len(records)} records in {time.monotonic() - t0:.0f} s")
     return records
-
-
-def out_dir(env, root=None):
-    root = root or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-    from .report import device_slug
-
-    return os.path.join(root, f"{env['date_utc'][:10]}-{device_slug(env)}")

@@ -15,10 +15,10 @@ import torch
 from test_triton_workspace import _StubLse
 
 from tilecl import _ops, _ring
-from tilecl import _triton_backend as tb
 from tilecl._autograd import tile_stats
 from tilecl._spec import SumSpec, TileAux, TileSpec
-from tilecl._triton_chunks import workspace_bytes
+from tilecl._triton import common as tc
+from tilecl._triton.common import workspace_bytes
 from tilecl.memtrack import PeakTensorBytes
 
 
@@ -46,7 +46,7 @@ def test_ring_triton_backward_in_bounded_workspace(monkeypatch, bwd, world):
     buffers + the workspace + 8 MiB."""
     monkeypatch.delenv("TILECL_TRITON_WORKSPACE_MB", raising=False)
     monkeypatch.setenv("TILECL_TRITON_BWD", bwd)
-    monkeypatch.setattr(tb, "_lse", _StubLse)
+    monkeypatch.setattr(tc, "_lse", _StubLse)
     monkeypatch.setattr(_ops, "DIRECT", True)
     n, d, bf = 16384, 768, torch.bfloat16
     q = torch.full((n, d), 0.03, dtype=bf).requires_grad_()

@@ -1,4 +1,4 @@
-"""The triton backend's memory-bounded backward (``_triton_backward.backward_final``): every loss
+"""The triton backend's memory-bounded backward (``_triton.bounded.backward_final``): every loss
 with the fp32 gradient workspace cut to a few rows (many row and column chunks, ragged last
 chunk), against the float64 reference; and its peak memory, counted tensor by tensor, against
 the workspace bound and against the unchunked fp32 path (which it must beat).
@@ -11,17 +11,18 @@ import torch
 from test_parity import LOW, _as
 
 from tilecl import _ops, _torch_tiled
-from tilecl import _triton_backend as tb
-from tilecl import _triton_backward as tbw
-from tilecl import _triton_gemm as tbg
 from tilecl._autograd import _add_positive
 from tilecl._spec import SumSpec, TileAux, TileSpec
+from tilecl._triton import bounded as tbw
+from tilecl._triton import common as tc
+from tilecl._triton import gemm as tbg
+from tilecl._triton import launch as tb
 from tilecl.memtrack import PeakTensorBytes
 
 from cases import CASES, run
 from conftest import assert_rel
 
-pytestmark = pytest.mark.skipif(tb.unavailable("cpu") is not None,
+pytestmark = pytest.mark.skipif(tc.unavailable("cpu") is not None,
                                 reason="the triton backend cannot run on the CPU here")
 
 N, D = 37, 20  # chunks of 6 rows: 7 chunks, the last one ragged; D not a multiple of BK
@@ -134,7 +135,7 @@ def test_peak_memory_bounded_by_workspace(monkeypatch):
     def launch(spec, flags, q, k, alpha, bias, aux, st, gst, cst, gc, out, gsum, gx, trans):
         out.fill_(0.25)  # the interpreter copies every argument: count the driver's tensors only
 
-    monkeypatch.setattr(tb, "_launch_bwd", launch)
+    monkeypatch.setattr(tc, "_launch_bwd", launch)
     with PeakTensorBytes() as final:
         out = tbw._final_impl(*args[:4], None, *args[4:9], (True, True, True, False), args[9],
                               args[10], False)
@@ -199,7 +200,7 @@ def test_extra_memory_at_65536_under_64_mib(monkeypatch, name, bwd):
     monkeypatch.delenv("TILECL_TRITON_WORKSPACE_MB", raising=False)
     monkeypatch.setenv("TILECL_TRITON_BWD", bwd)
     assert tbg.applies(TileSpec(), torch.empty(1, 768, dtype=torch.bfloat16)) == (bwd == "auto")
-    monkeypatch.setattr(tb, "_lse", _StubLse)
+    monkeypatch.setattr(tc, "_lse", _StubLse)
     # call the implementations directly: a dispatch mode sees a custom op's outputs, not the
     # tensors its implementation allocates and frees
     monkeypatch.setattr(_ops, "DIRECT", True)
@@ -240,11 +241,11 @@ def _spy_launches(monkeypatch):
             return launch
 
     class Lse:
-        _lse_fwd_kernel = Spy("fwd", tb._lse._lse_fwd_kernel)
-        _lse_bwd_kernel = Spy("bwd", tb._lse._lse_bwd_kernel)
-        _lse_h_kernel = Spy("h", tb._lse._lse_h_kernel)
+        _lse_fwd_kernel = Spy("fwd", tc._lse._lse_fwd_kernel)
+        _lse_bwd_kernel = Spy("bwd", tc._lse._lse_bwd_kernel)
+        _lse_h_kernel = Spy("h", tc._lse._lse_h_kernel)
 
-    monkeypatch.setattr(tb, "_lse", Lse)
+    monkeypatch.setattr(tc, "_lse", Lse)
     return log
 
 
@@ -318,11 +319,14 @@ def test_siglip_softplus_sums_once_per_tile(monkeypatch):
             calls.append(1)
             return self.real(*args)
 
-    monkeypatch.setattr(tb._lse, "_softplus_sum", Count(tb._lse._softplus_sum))
+    import importlib
+
+    kernels = importlib.import_module("tilecl.tritonops.backward")  # the dq pass's module
+    monkeypatch.setattr(kernels, "_softplus_sum", Count(kernels._softplus_sum))
     a, b = 7.0, -2.0
     stats, u, qdot, gsum = tbw._forward_dq_impl(spec, q, k, torch.tensor(a), torch.tensor(b),
                                                 TileAux(labels_q=lq, labels_k=lk))
-    cfg = tb._configs.INTERPRET_BWD
+    cfg = tc._configs.INTERPRET_BWD
     assert -(-d // cfg["BD"]) == 3
     assert len(calls) == -(-n // cfg["BM"]) * -(-m // cfg["BN"]), len(calls)
     x = a * q.double() @ k.double().T + b
@@ -451,7 +455,7 @@ def test_gemm_backward_memory_bounded_by_workspace(monkeypatch):
         _lse_h_kernel = _StubKernel(lambda meta: (18,))
 
     args = _clip_problem(n, d, torch.float32, forward=_torch_tiled.forward)  # (fast here)
-    monkeypatch.setattr(tb, "_lse", Lse)
+    monkeypatch.setattr(tc, "_lse", Lse)
     with PeakTensorBytes() as mode:
         dq, dk, _, _ = tbw._final_impl(*args[:4], None, *args[4:9], (True, True, True, False),
                                        args[9], args[10], False)

@@ -1,7 +1,7 @@
 """The triton backend's backward through library GEMMs (``bwd_mode`` "gemm", the automatic choice
 for dot logits at large D).
 
-The fused backward (``_triton_backward``) accumulates G k and G^T q in registers, one chunk of
+The fused backward (``bounded``) accumulates G k and G^T q in registers, one chunk of
 D per program, and recomputes the logits once per chunk. Here ``tritonops.lse._lse_h_kernel``
 writes H = a G (math.md 1.3, the positive pair's term included) for a group of rows, then of
 columns, into a buffer of at most ``workspace_bytes()``, and ``torch.matmul`` multiplies it by
@@ -15,9 +15,9 @@ import os
 
 import torch
 
-from . import _triton_backend as tb
-from ._spec import TileAux, TileSpec
-from ._triton_chunks import _cols_aux, _Passes, _rows_aux, _spans, fwd_dq_outputs, workspace_bytes
+from .._spec import TileAux, TileSpec
+from . import common
+from .common import _cols_aux, _Passes, _rows_aux, _spans, fwd_dq_outputs, workspace_bytes
 
 # The automatic choice, from the work of one backward pass (dq or dk) per (i, j) pair:
 #   fused: the logits once per D chunk of the register gradient block, c = ceil(D / BD_TC)
@@ -88,7 +88,7 @@ def applies(spec: TileSpec, q) -> bool:
         return False
     mode = bwd_mode()
     if mode == "auto":
-        mode = auto_mode(q.shape[1], q.dtype, tb._configs.dot_precision())
+        mode = auto_mode(q.shape[1], q.dtype, common._configs.dot_precision())
     return mode == "gemm"
 
 
@@ -99,12 +99,12 @@ def _h_block(spec, flags, bias, qs, ks, al, aux_s, stats4, spos_s, gpos_s, p_off
     st_s, gst_s, cst_s, gc_s = stats4
     dev = qs.device
     h = torch.empty(qs.shape[0], ks.shape[0], device=dev, dtype=qs.dtype)
-    ptrs, sizes, strides = tb._inputs(spec, qs, ks, al, bias, aux_s)
-    p = part if part is not None else tb._dummy(dev, torch.float32).view(1, 1, 1)
+    ptrs, sizes, strides = common._inputs(spec, qs, ks, al, bias, aux_s)
+    p = part if part is not None else common._dummy(dev, torch.float32).view(1, 1, 1)
 
     def grid(meta):
         return (-(-qs.shape[0] // meta["BM"]), -(-ks.shape[0] // meta["BN"]))
-    tb._lse._lse_h_kernel[grid](*ptrs, st_s, gst_s, cst_s, gc_s, spos_s, gpos_s, h, p,
+    common._lse._lse_h_kernel[grid](*ptrs, st_s, gst_s, cst_s, gc_s, spos_s, gpos_s, h, p,
                                 *sizes, p_off, *strides, st_s.stride(0), h.stride(0),
                                 p.stride(1), TRANS=False, HAS_GPOS=has_gpos,
                                 PART=part is not None, FWD_STATS=fwd_stats, **flags)
@@ -113,7 +113,7 @@ def _h_block(spec, flags, bias, qs, ks, al, aux_s, stats4, spos_s, gpos_s, p_off
 
 def backward(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, g_stats, g_col,
              needs, pos, g_pos, single_set: bool, acc=None):
-    """``_triton_backward._final_impl``'s result through H groups and library GEMMs (``bwd_mode`` "gemm").
+    """``bounded._final_impl``'s result through H groups and library GEMMs (``bwd_mode`` "gemm").
 
     Rows r0:r1 of H [R, M] give dq rows = H k and, from the kernel's partial sums, dalpha and
     the SigLIP bias; columns c0:c1 of H [N, C] give dk rows = H^T q. The positive pair's term is
@@ -121,7 +121,7 @@ def backward(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, g_stat
     rows rounded each, then summed in fp32 and rounded). ``acc``: fp32 accumulators to add the
     products into (a block of the ring; two sets only), then dq and dk come back as None.
     """
-    tb._check(q, k)
+    common._check(q, k)
     p = _Passes.of(spec, q, k, alpha, bias, needs)
     n, m, af, need_q, need_k, rows, cols = p.n, p.m, p.af, p.need_q, p.need_k, p.rows, p.cols
     dev, f32 = q.device, torch.float32
@@ -134,10 +134,10 @@ def backward(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, g_stat
     gsum = torch.zeros(n, device=dev, dtype=f32)
     has_gpos = pos is not None and g_pos is not None
     if rows or cols:
-        flags = tb._flags(spec, aux, bias)
-        st, gst, cst, gc = tb._bwd_stats(spec, stats, col, g_stats, g_col, n, dev)
-        spos = pos.to(device=dev, dtype=torch.int64) if has_gpos else tb._dummy(dev, torch.int64)
-        gpos = g_pos.detach().to(device=dev, dtype=f32) if has_gpos else tb._dummy(dev, f32)
+        flags = common._flags(spec, aux, bias)
+        st, gst, cst, gc = common._bwd_stats(spec, stats, col, g_stats, g_col, n, dev)
+        spos = pos.to(device=dev, dtype=torch.int64) if has_gpos else common._dummy(dev, torch.int64)
+        gpos = g_pos.detach().to(device=dev, dtype=f32) if has_gpos else common._dummy(dev, f32)
     # x_ij = a_i <q_i, k_j> + b: dalpha_i = sum_j G_ij (x_ij - b) / a_i
     b = bias.detach().to(device=dev, dtype=f32) if flags_bias(spec, bias) else None
     elt = q.element_size()
@@ -180,25 +180,25 @@ def backward(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, g_stat
             del h
     if acc is not None:
         dq = dk = None
-    return (dq, dk) + tb.scalar_grads(spec, da, gsum, alpha, bias)
+    return (dq, dk) + common.scalar_grads(spec, da, gsum, alpha, bias)
 
 
 def forward_dq(spec: TileSpec, q, k, alpha, bias, aux: TileAux):
     """SigLIP's forward fused into the row H pass (``FWD_STATS``): what
-    ``_triton_backward._forward_dq_impl`` returns, (stats [1, N] fp32, u [N, D] in q.dtype =
+    ``bounded._forward_dq_impl`` returns, (stats [1, N] fp32, u [N, D] in q.dtype =
     dq(g = 1) / N, qdot [N] = <q_i, dq_i(g = 1)>, gsum [N] = sum_j G_ij(g = 1)), for the logits
     once and one GEMM (4 N M D; the backward's column pass makes it 8). The kernel runs with
     g_i = 1 / N, so H is already at u's scale and u = H k is rounded once; its partial sums are
     scaled back by N. qdot = sum_j G_ij (x_ij - b) (math.md 1.5, 2.2)."""
-    tb._check(q, k)
+    common._check(q, k)
     n, m = q.shape[0], k.shape[0]
     dev, f32 = q.device, torch.float32
     stats, u, qdot, gsum = fwd_dq_outputs(spec, q)
     if n == 0 or m == 0:
         return stats, u, qdot, gsum
-    flags = tb._flags(spec, aux, bias)
+    flags = common._flags(spec, aux, bias)
     g = torch.full((spec.n_stats, n), 1.0 / n, device=dev, dtype=f32)
-    none, inone = tb._dummy(dev, f32), tb._dummy(dev, torch.int64)
+    none, inone = common._dummy(dev, f32), common._dummy(dev, torch.int64)
     b = bias.detach().to(device=dev, dtype=f32) if flags_bias(spec, bias) else None
     ncb = -(-m // 16)  # room for the partials of any BN >= 16
     for r0, r1 in _spans(n, max(1, workspace_bytes() // (m * q.element_size()))):

@@ -1,6 +1,6 @@
 """Memory-bounded backward of the triton backend, with gradients in the inputs' dtypes.
 
-The plain contract (``_triton_backend.backward``) returns fp32 dq [N, D] and dk [M, D], which
+The plain contract (``launch.backward``) returns fp32 dq [N, D] and dk [M, D], which
 ``_autograd`` finishes (positive pair, rounding). For bf16 / fp16 inputs at N = M = 65536,
 D = 768 those two fp32 buffers are 384 MiB beyond the inputs and their gradients, and the
 finishing step's temporaries as much again (the target is 64 MiB in all). ``backward_final``
@@ -16,8 +16,8 @@ workspace of at most ``workspace_bytes()`` and finishes each chunk in fp32, in s
 
 then rounds the chunk once into the gradient (input dtype). Each row's and column's fp32
 accumulation is the kernel's, whatever the chunk: the result is the generic path's.
-``_triton_gemm.applies`` (``TILECL_TRITON_BWD``: auto by a cost rule, fused or gemm) sends dot
-logits in fp32 / bf16 at large D to ``_triton_gemm`` instead. Also here: SigLIP's forward fused
+``gemm.applies`` (``TILECL_TRITON_BWD``: auto by a cost rule, fused or gemm) sends dot
+logits in fp32 / bf16 at large D to ``gemm`` instead. Also here: SigLIP's forward fused
 into the dq pass, or into the gemm backward's row H pass (``forward_with_dq``, ``finish_dq``).
 """
 
@@ -27,10 +27,10 @@ import os
 
 import torch
 
-from . import _ops, _triton_gemm
-from . import _triton_backend as tb
-from ._spec import TileAux, TileSpec
-from ._triton_chunks import (  # noqa: F401  (workspace_bytes: part of this module's interface)
+from .. import _ops
+from .._spec import TileAux, TileSpec
+from . import common, gemm
+from .common import (  # noqa: F401  (workspace_bytes: part of this module's interface)
     _GLUE_BYTES,
     WORKSPACE_MB,
     _cols_aux,
@@ -49,7 +49,7 @@ from ._triton_chunks import (  # noqa: F401  (workspace_bytes: part of this modu
 #   the default BD = 128. No N x M buffer. L2 -> SM operand loads (q and k tiles reloaded per
 #   tile and chunk, N M D elt (c (1/BM + 1/BN) + 1/BM)): 0.72 TB per pass at 64 x 64 tiles and
 #   BD = 256, 1.34 TB at BD = 128. 5 workspace chunks (launches) per pass.
-# * gemm backward (_triton_gemm), per pass: the logits once and a library GEMM, 4 N M D; H
+# * gemm backward (gemm.py), per pass: the logits once and a library GEMM, 4 N M D; H
 #   written and read back, 2 N M elt = 17.2 GB of HBM traffic if a 320-row group (40 MiB) does
 #   not stay in L2; L2 -> SM loads about 0.24 TB (H kernel at 128 x 64, GEMM at 128 x 256).
 #   205 groups per pass, each an H launch and a [320, 65536] @ [65536, 768] GEMM.
@@ -70,10 +70,10 @@ def _final_impl(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, g_s
     accumulators instead (a block of the ring, whose gradients are rounded after the last
     block; two sets only); then dq and dk come back as None."""
 
-    if _triton_gemm.applies(spec, q):
-        return _triton_gemm.backward(spec, q, k, alpha, bias, aux, stats, col, g_stats, g_col,
+    if gemm.applies(spec, q):
+        return gemm.backward(spec, q, k, alpha, bias, aux, stats, col, g_stats, g_col,
                                      needs, pos, g_pos, single_set, acc)
-    tb._check(q, k)
+    common._check(q, k)
     p = _Passes.of(spec, q, k, alpha, bias, needs)
     n, m, d, af, need_q, need_k, need_a = p.n, p.m, p.d, p.af, p.need_q, p.need_k, p.need_a
     rows, cols = p.rows, p.cols
@@ -86,8 +86,8 @@ def _final_impl(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, g_s
     gsum = torch.zeros(n, device=dev, dtype=f32)  # sum_j G_ij (SigLIP bias)
     da = torch.zeros(n, device=dev, dtype=f32)
     if rows or cols:
-        flags = tb._bwd_flags(spec, aux, bias)
-        st, gst, cst, gc = tb._bwd_stats(spec, stats, col, g_stats, g_col, n, dev)
+        flags = common._bwd_flags(spec, aux, bias)
+        st, gst, cst, gc = common._bwd_stats(spec, stats, col, g_stats, g_col, n, dev)
     if acc is not None:
         dq, dk = acc[0] if need_q else None, acc[1] if need_k else None
     else:
@@ -110,7 +110,7 @@ def _final_impl(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, g_s
         buf = ws.chunk(0, r1 - r0, rows)
         if rows:
             al = alpha if alpha.dim() == 0 else alpha[r0:r1]
-            tb._launch_bwd(spec, flags, q[r0:r1], k, al, bias, _rows_aux(aux, r0, r1),
+            common._launch_bwd(spec, flags, q[r0:r1], k, al, bias, _rows_aux(aux, r0, r1),
                            st[:, r0:r1], gst[:, r0:r1], cst, gc, buf, gsum[r0:r1], gx[r0:r1],
                            False)
         for s0, s1 in _spans(r1 - r0, glue):
@@ -130,7 +130,7 @@ def _final_impl(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, g_s
         """fp32 dk of columns c0:c1 with the positive pairs that land there."""
         buf = ws.chunk(-1, c1 - c0)
         c_st, c_g = (cst[c0:c1], gc[c0:c1]) if spec.col_lse else (cst, gc)
-        tb._launch_bwd(spec, flags, q, k[c0:c1], alpha, bias, _cols_aux(aux, c0, c1), st, gst,
+        common._launch_bwd(spec, flags, q, k[c0:c1], alpha, bias, _cols_aux(aux, c0, c1), st, gst,
                        c_st, c_g, buf, gsum, gx, True)
         if cuts is not None:
             b0, b1 = cuts[ci], cuts[ci + 1]
@@ -168,7 +168,7 @@ def _final_impl(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, g_s
         da = gx / af + da  # dx/da = x / a, plus the positive pair's term
     if acc is not None:
         dq = dk = None
-    return (dq, dk) + tb.scalar_grads(spec, da, gsum, alpha, bias)
+    return (dq, dk) + common.scalar_grads(spec, da, gsum, alpha, bias)
 
 
 def _put(dst, buf):
@@ -195,25 +195,25 @@ def _forward_dq_impl(spec: TileSpec, q, k, alpha, bias, aux: TileAux):
     (stats [1, N] fp32, u [N, D] in q.dtype = dq(g = 1) / N, qdot [N] = <q_i, dq_i(g = 1)> fp32,
     gsum [N] = sum_j G_ij(g = 1) fp32). u is stored divided by N so that under the mean over rows
     (g_i = 1 / N) dq = u exactly and no 16-bit range is exceeded. Under the gemm backward the
-    sweep is the row H pass and a GEMM (``_triton_gemm.forward_dq``)."""
+    sweep is the row H pass and a GEMM (``gemm.forward_dq``)."""
 
-    if _triton_gemm.applies(spec, q):
-        return _triton_gemm.forward_dq(spec, q, k, alpha, bias, aux)
-    tb._check(q, k)
+    if gemm.applies(spec, q):
+        return gemm.forward_dq(spec, q, k, alpha, bias, aux)
+    common._check(q, k)
     n, m, d = q.shape[0], k.shape[0], q.shape[1]
     dev, f32 = q.device, torch.float32
     stats, u, qdot, gsum = fwd_dq_outputs(spec, q)
     if n == 0 or m == 0:
         return stats, u, qdot, gsum
-    flags = dict(tb._bwd_flags(spec, aux, bias), FWD_STATS=True)
+    flags = dict(common._bwd_flags(spec, aux, bias), FWD_STATS=True)
     ones = torch.ones(spec.n_stats, n, device=dev, dtype=f32)
-    cst = gc = tb._dummy(dev, f32)
+    cst = gc = common._dummy(dev, f32)
     ws = _Workspace(d, n, dev)
     glue = max(1, _GLUE_BYTES // (4 * d))
     for r0, r1 in _spans(n, ws.rows):
         buf = ws.chunk(0, r1 - r0)
         al = alpha if alpha.dim() == 0 else alpha[r0:r1]
-        tb._launch_bwd(spec, flags, q[r0:r1], k, al, bias, _rows_aux(aux, r0, r1),
+        common._launch_bwd(spec, flags, q[r0:r1], k, al, bias, _rows_aux(aux, r0, r1),
                        stats[:, r0:r1], ones[:, r0:r1], cst, gc, buf, gsum[r0:r1], cst, False)
         for s0, s1 in _spans(r1 - r0, glue):
             i0, i1 = r0 + s0, r0 + s1

@@ -14,7 +14,7 @@ Passes (math.md 1.3, 2.1):
   column-parallel launch over just those columns, ``COL_GATHER``). ``TILECL_TRITON_COL_PASS=two``
   (or deterministic algorithms) runs the exact column-parallel launch (``TRANS``) for every
   column instead: 2x the forward matmul, deterministic. Both O(N + M) memory.
-* SigLIP (``_triton_backward.forward_with_dq``): G needs no statistic, so when q needs a
+* SigLIP (``bounded.forward_with_dq``): G needs no statistic, so when q needs a
   gradient the forward is the dq pass run with g = 1 (``FWD_STATS`` also writes the loss
   statistic); the backward scales it by g and runs the dk pass only: 8 N M D flops, not 10.
 * the false-negative threshold (``spec.threshold``, ``aux.thresh``) is a mask recomputed from the
@@ -27,7 +27,7 @@ Passes (math.md 1.3, 2.1):
   recomputes the logits once more; the autotuner weighs that against narrow tiles whose gradient
   block spans all of D (BD up to 1024, tritonops/configs.py).
 * ``backward`` returns fp32 dq / dk (the contract every backend shares, used by the ring);
-  ``backward_final`` (``_triton_backward.py``, what ``_autograd`` calls) runs the same launches
+  ``backward_final`` (``bounded.py``, what ``_autograd`` calls) runs the same launches
   over row / column chunks into a bounded fp32 workspace and returns the finished gradients in
   the inputs' dtypes: O(workspace + N + M) memory instead of two fp32 [N, D] buffers.
 * dalpha = sum_i <q_i, dq_i> / alpha_i (dot logits), sum_j G_ij x_ij / alpha_i (distance logits),
@@ -46,108 +46,25 @@ import os
 
 import torch
 
-from . import _ops, _torch_tiled
-from ._spec import (
-    COLUMNS,
-    POSITIVES,
-    WEIGHTS,
-    SumSpec,
+from .. import _ops, _torch_tiled
+from .._spec import (
     TileAux,
     TileSpec,
     compute_dtype,
     empty_stats,
     empty_topk,
 )
-
-try:
-    import triton
-
-    from .tritonops import configs as _configs
-    from .tritonops import lse as _lse
-
-    _IMPORT_ERROR = None
-except ImportError as exc:  # pragma: no cover - depends on the environment
-    _IMPORT_ERROR = exc
-
-
-def unavailable(device) -> "str | None":
-    """None if the kernels can run on ``device``, else why not."""
-    if _IMPORT_ERROR is not None:
-        return f"triton cannot be imported ({_IMPORT_ERROR})"
-    device = torch.device(device)
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        return None if device.type == "cpu" else (
-            "TRITON_INTERPRET=1 runs the Triton kernels on CPU tensors only")
-    if device.type != "cuda":
-        return f"Triton kernels need a CUDA device (or TRITON_INTERPRET=1 on CPU), got {device}"
-    return None
-
-
-def _dummy(device, dtype):
-    return torch.zeros(1, device=device, dtype=dtype)
-
-
-def _flags(spec: TileSpec, aux: TileAux, bias):
-    """The kernels' constexpr flags for one spec (one compiled specialisation per distinct set)."""
-    sums = list(spec.sums) + [SumSpec()] * (2 - len(spec.sums))
-    dist = spec.logit == "dist"
-    return dict(
-        DIST=dist, GAMMA=float(spec.gamma) if dist else 2.0,
-        HAS_BIAS=(bias is not None) and not dist, HAS_EXCL=aux.excl is not None,
-        HAS_THRESH=bool(spec.threshold),
-        POSITIVE=POSITIVES.index(spec.positive), WEIGHT=WEIGHTS.index(spec.weight),
-        CLIP=float(spec.weight_clip),
-        N_SUMS=len(spec.sums),
-        C0=COLUMNS.index(sums[0].cols), B0=float(sums[0].beta), W0=bool(sums[0].weighted),
-        C1=COLUMNS.index(sums[1].cols), B1=float(sums[1].beta), W1=bool(sums[1].weighted),
-        LIN=bool(spec.lin), SIG=bool(spec.sigmoid), COL_LSE=bool(spec.col_lse),
-        PRECISION=_configs.dot_precision(),
-    )
-
-
-def _inputs(spec: TileSpec, q, k, alpha, bias, aux: TileAux):
-    """Pointer arguments shared by both kernels, and their strides (inputs stay strided)."""
-    dev = q.device
-    i64 = torch.int64
-    a = alpha.detach().to(device=dev, dtype=torch.float32).reshape(-1)
-    s_a = 0 if alpha.dim() == 0 else 1
-    b = bias.detach().to(device=dev, dtype=torch.float32).reshape(1) if bias is not None else (
-        _dummy(dev, torch.float32))
-
-    def idx(t):
-        return t.to(device=dev, dtype=i64).contiguous() if t is not None else _dummy(dev, i64)
-
-    excl, pos, labq = idx(aux.excl), idx(aux.pos), idx(aux.labels_q)
-    labk = idx(aux.labels_k)
-    if spec.threshold:
-        if aux.thresh is None:
-            raise ValueError("TileSpec.threshold needs TileAux.thresh [N]")
-        thr = aux.thresh.detach().to(device=dev, dtype=torch.float32).contiguous()
-    else:
-        thr = _dummy(dev, torch.float32)
-    w = aux.weight if spec.weight == "dense" else _dummy(dev, torch.float32).view(1, 1)
-    wa = aux.wa if spec.weight == "lowrank" else _dummy(dev, torch.float32).view(1, 1)
-    wb = aux.wb if spec.weight == "lowrank" else _dummy(dev, torch.float32).view(1, 1)
-    ptrs = (q, k, a, b, excl, pos, labq, labk, thr, w, wa, wb)
-    sizes = (q.shape[0], k.shape[0], q.shape[1], w.shape[1], wa.shape[1], int(aux.col_offset))
-    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), s_a,
-               w.stride(0), w.stride(1), wa.stride(0), wa.stride(1), wb.stride(0), wb.stride(1))
-    return ptrs, sizes, strides
-
-
-def _output(shape, dev, written):
-    if not written:
-        return torch.zeros(shape, device=dev, dtype=torch.float32)
-    if _configs.interpreting():
-        return torch.full(shape, float("nan"), device=dev, dtype=torch.float32)
-    return torch.empty(shape, device=dev, dtype=torch.float32)
-
-
-def _check(q, k):
-    if q.dim() != 2 or k.dim() != 2 or q.shape[1] != k.shape[1]:
-        raise ValueError(f"q [N, D] and k [M, D] expected, got {tuple(q.shape)}, {tuple(k.shape)}")
-    if q.dtype != k.dtype or q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"q and k must share a dtype among fp32/fp16/bf16, got {q.dtype}, {k.dtype}")
+from . import common
+from .common import (
+    _bwd_flags,
+    _bwd_stats,
+    _check,
+    _dummy,
+    _flags,
+    _inputs,
+    _output,
+    scalar_grads,
+)
 
 
 def _forward_impl(spec: TileSpec, q, k, alpha, bias, aux: TileAux):
@@ -166,11 +83,11 @@ def _forward_impl(spec: TileSpec, q, k, alpha, bias, aux: TileAux):
         return done
     ptrs, sizes, strides = _inputs(spec, q, k, alpha, bias, aux)
     flags = _flags(spec, aux, bias)
-    flags.update(TOPK=int(spec.topk), TOPK_P2=triton.next_power_of_2(max(int(spec.topk), 1)))
+    flags.update(TOPK=int(spec.topk), TOPK_P2=common.triton.next_power_of_2(max(int(spec.topk), 1)))
     out_col = col if col is not None else _dummy(dev, torch.float32)
     # the kernel writes every kept entry; NaN-poisoned under the interpreter (a miss fails loudly)
     tv = _output((n, spec.topk), dev, True) if top is not None else _dummy(dev, torch.float32)
-    ti = torch.full((n, spec.topk), -2 if _configs.interpreting() else 0, device=dev,
+    ti = torch.full((n, spec.topk), -2 if common._configs.interpreting() else 0, device=dev,
                     dtype=torch.int64) if top is not None else _dummy(dev, torch.int64)
     atomic = spec.col_lse and col_pass() == "atomic"
     if atomic:  # column sums in the row pass against fixed references
@@ -182,7 +99,7 @@ def _forward_impl(spec: TileSpec, q, k, alpha, bias, aux: TileAux):
     outs = (stats, out_col, tv, ti, cref, cacc, cidx)
     flags.update(COL_ATOMIC=atomic, COL_GATHER=False)
     if spec.n_stats > 0 or top is not None or atomic:
-        _lse._lse_fwd_kernel[lambda meta: (triton.cdiv(n, meta["BM"]),)](
+        common._lse._lse_fwd_kernel[lambda meta: (common.triton.cdiv(n, meta["BM"]),)](
             *ptrs, *outs, *sizes, *strides, stats.stride(0), TRANS=False, **flags)
     if atomic:
         # usable where the sum is finite and above n 2^-100: the terms that exp flushed to zero
@@ -196,10 +113,10 @@ def _forward_impl(spec: TileSpec, q, k, alpha, bias, aux: TileAux):
             flags.update(COL_ATOMIC=False, COL_GATHER=True)
             gsizes = (sizes[0], redo.numel(), *sizes[2:])
             outs = (stats, out_col, tv, ti, cref, cacc, redo)
-            _lse._lse_fwd_kernel[lambda meta: (triton.cdiv(redo.numel(), meta["BN"]),)](
+            common._lse._lse_fwd_kernel[lambda meta: (common.triton.cdiv(redo.numel(), meta["BN"]),)](
                 *ptrs, *outs, *gsizes, *strides, stats.stride(0), TRANS=True, **flags)
     elif spec.col_lse:
-        _lse._lse_fwd_kernel[lambda meta: (triton.cdiv(m, meta["BN"]),)](
+        common._lse._lse_fwd_kernel[lambda meta: (common.triton.cdiv(m, meta["BN"]),)](
             *ptrs, *outs, *sizes, *strides, stats.stride(0), TRANS=True, **flags)
     return done if top is None else (stats, col, (tv, ti))
 
@@ -248,45 +165,6 @@ def _col_references(spec: TileSpec, q, k, alpha, bias) -> torch.Tensor:
     return ref
 
 
-def _bwd_stats(spec: TileSpec, stats, col, g_stats, g_col, n, dev):
-    """The backward kernels' statistics operands: row stats / dL/dstats [S, N] and the column
-    LSE / dL/dcol [M] (dummies where the spec has none), fp32 and contiguous."""
-    f32 = torch.float32
-    st = stats.detach().to(f32).contiguous()
-    gst = g_stats.detach().to(f32).contiguous()
-    if spec.col_lse:
-        cst = col.detach().to(f32).contiguous()
-        gc = g_col.detach().to(f32).contiguous()
-    else:
-        cst = gc = _dummy(dev, f32)
-    if st.shape[0] == 0:  # a spec with no row statistic (column LSE only)
-        st = gst = torch.zeros(1, n, device=dev, dtype=f32)
-    return st, gst, cst, gc
-
-
-def _launch_bwd(spec, flags, q, k, alpha, bias, aux, st, gst, cst, gc, out, gsum, gx, trans):
-    """One backward pass into ``out`` (fp32 [N, D] rows of q, or [M, D] columns of k with
-    ``trans``); q, k, alpha, aux, the statistics and gsum / gx are the slices this launch sees."""
-    ptrs, sizes, strides = _inputs(spec, q, k, alpha, bias, aux)
-    d = q.shape[1]
-    if trans:
-        def grid(meta):
-            return (triton.cdiv(k.shape[0], meta["BN"]), triton.cdiv(d, meta["BD"]))
-    else:
-        def grid(meta):
-            return (triton.cdiv(q.shape[0], meta["BM"]), triton.cdiv(d, meta["BD"]))
-    _lse._lse_bwd_kernel[grid](*ptrs, st, gst, cst, gc, out, gsum, gx, *sizes, *strides,
-                               st.stride(0), out.stride(0), out.stride(1), TRANS=trans, **flags)
-
-
-def _bwd_flags(spec, aux, bias):
-    flags = _flags(spec, aux, bias)
-    # gradient matmul of fp32 inputs at the same precision (16-bit: see tritonops.lse._grad_dot)
-    flags["PRECISION2"] = flags["PRECISION"]
-    flags["FWD_STATS"] = False
-    return flags
-
-
 def _backward_impl(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, g_stats,
                    g_col, needs=(True, True, True, True)):
     """(dq [N, D], dk [M, D], dalpha (0-dim or [N]), dbias (0-dim or None)), all fp32."""
@@ -312,9 +190,9 @@ def _backward_impl(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, 
         flags = _bwd_flags(spec, aux, bias)
         st, gst, cst, gc = _bwd_stats(spec, stats, col, g_stats, g_col, n, dev)
         if rows:
-            _launch_bwd(spec, flags, q, k, alpha, bias, aux, st, gst, cst, gc, dq, gsum, gx, False)
+            common._launch_bwd(spec, flags, q, k, alpha, bias, aux, st, gst, cst, gc, dq, gsum, gx, False)
         if cols:
-            _launch_bwd(spec, flags, q, k, alpha, bias, aux, st, gst, cst, gc, dk, gsum, gx, True)
+            common._launch_bwd(spec, flags, q, k, alpha, bias, aux, st, gst, cst, gc, dk, gsum, gx, True)
     af = a.expand(n) if a.dim() == 0 else a
     if spec.logit == "dot":
         # dL/da_i = sum_j G_ij <q_i, k_j> = <q_i, dq_i> / a_i  (math.md 1.5)
@@ -322,15 +200,6 @@ def _backward_impl(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, 
     else:
         da = gx / af  # dx/da = x / a
     return (dq, dk) + scalar_grads(spec, da, gsum, alpha, bias)
-
-
-def scalar_grads(spec: TileSpec, da, gsum, alpha, bias):
-    """(dalpha like alpha: the rows' da summed for a 0-dim alpha, dbias 0-dim or None: the rows'
-    sum_j G_ij for SigLIP, 0 for the softmax losses, whose bias has no gradient; math.md 1.5)."""
-    da = da.sum() if alpha.dim() == 0 else da
-    if bias is None:
-        return da, None
-    return da, gsum.sum() if spec.sigmoid else torch.zeros((), device=da.device, dtype=da.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
