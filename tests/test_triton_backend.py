@@ -75,18 +75,18 @@ def make_case(kind, n, d, dtype, seed=0):
     m = n
     alpha = torch.tensor(1 / 0.07)
     bias = None
-    single = kind in ("ntxent", "supcon_out", "supcon_in", "hcl", "kernel_g2", "kernel_g1",
-                      "kernel_g15", "kernel_g3")
+    single = kind in ("nt_xent_self", "supcon_out", "supcon_in", "hcl", "dist_gamma2_pos", "dist_gamma1_pos",
+                      "dist_gamma15_pos", "dist_gamma3_pos")
     ar = torch.arange(n)
     aux = TileAux()
     if kind == "infonce":  # one direction, M > N candidates (MoCo-like queue)
         m = 2 * n + 3
         spec = TileSpec(positive="index", sums=(SumSpec(),))
         aux = TileAux(pos=torch.randint(0, m, (n,), generator=gen))
-    elif kind == "clip_sym":
+    elif kind == "clip_symmetric":
         spec = TileSpec(positive="index", sums=(SumSpec(),), col_lse=True)
         aux = TileAux(pos=ar)
-    elif kind == "ntxent":
+    elif kind == "nt_xent_self":
         spec = TileSpec(positive="index", sums=(SumSpec(),))
         aux = TileAux(excl=ar, pos=(ar + n // 2) % n)
     elif kind in ("supcon_out", "supcon_in"):
@@ -105,13 +105,13 @@ def make_case(kind, n, d, dtype, seed=0):
         spec = TileSpec(positive="index", sums=(SumSpec(weighted=True), SumSpec()),
                         weight="dense", weight_clip=1e-6)
         aux = TileAux(pos=ar, weight=w)
-    elif kind == "lowrank":
+    elif kind == "lowrank_clip":
         m = n + 5
         spec = TileSpec(positive="index", sums=(SumSpec("neg", weighted=True),),
                         weight="lowrank", weight_clip=0.05)
         aux = TileAux(pos=ar, wa=torch.rand(n, 3, generator=gen), wb=torch.rand(m, 3, generator=gen))
-    elif kind in ("kernel_g2", "kernel_g1", "kernel_g15", "kernel_g3"):
-        gamma = {"2": 2.0, "1": 1.0, "15": 1.5, "3": 3.0}[kind[len("kernel_g"):]]
+    elif kind in ("dist_gamma2_pos", "dist_gamma1_pos", "dist_gamma15_pos", "dist_gamma3_pos"):
+        gamma = {"2": 2.0, "1": 1.0, "15": 1.5, "3": 3.0}[kind[len("dist_gamma"):-len("_pos")]]
         spec = TileSpec(logit="dist", gamma=gamma, positive="index", sums=(SumSpec(),))
         aux = TileAux(excl=ar, pos=(ar + n // 2) % n)
         alpha = torch.tensor(2.0)
@@ -120,14 +120,14 @@ def make_case(kind, n, d, dtype, seed=0):
         spec = TileSpec(positive="label", sigmoid=True)
         aux = TileAux(labels_q=labels, labels_k=labels)
         alpha, bias = torch.tensor(10.0), torch.tensor(-10.0)
-    elif kind == "row_alpha":  # per-row scale with label positives and the L_out statistics
+    elif kind == "row_alpha_label":  # per-row scale with label positives and the L_out statistics
         labels = torch.randint(0, 3, (n,), generator=gen)
         m = n + 7
         spec = TileSpec(positive="label", sums=(SumSpec(),), lin=True)
         aux = TileAux(labels_q=labels, labels_k=torch.randint(0, 3, (m,), generator=gen))
         alpha = 5.0 + 10.0 * torch.rand(n, generator=gen)
         bias = torch.tensor(0.3)  # shifts every logit; no bias gradient outside SigLIP
-    elif kind == "col_offset":  # a visiting column block: global columns 7 .. 7 + M
+    elif kind == "col_offset_dense":  # a visiting column block: global columns 7 .. 7 + M
         m, off = n + 9, 7
         spec = TileSpec(positive="index", sums=(SumSpec(weighted=True),), weight="dense")
         aux = TileAux(excl=ar + off, pos=(ar * 3) % (m + off), col_offset=off,
@@ -177,23 +177,23 @@ def check_case(kind, n, d, dtype):
 
 SHAPES = {  # kind -> (N, D) pairs; together they cover N 1/17/63/65/130 and D 3/64/100
     "infonce": [(1, 3), (65, 100)],
-    "clip_sym": [(17, 64), (130, 100)],
-    "ntxent": [(63, 100)],
+    "clip_symmetric": [(17, 64), (130, 100)],
+    "nt_xent_self": [(63, 100)],
     "supcon_out": [(65, 64)],
     "supcon_in": [(1, 64), (63, 3)],
     "hcl": [(65, 100)],
     "cclk_dense": [(17, 100)],
-    "lowrank": [(63, 64)],
-    "kernel_g2": [(65, 100)],
-    "kernel_g1": [(63, 3)],
-    "kernel_g15": [(40, 7)],  # a lost factor gamma (or a wrong power of d2) in the gradient
-    "kernel_g3": [(33, 5)],  # hides at gamma 1 and 2: only these two show it
+    "lowrank_clip": [(63, 64)],
+    "dist_gamma2_pos": [(65, 100)],
+    "dist_gamma1_pos": [(63, 3)],
+    "dist_gamma15_pos": [(40, 7)],  # a lost factor gamma (or a wrong power of d2) in the gradient
+    "dist_gamma3_pos": [(33, 5)],  # hides at gamma 1 and 2: only these two show it
     "siglip": [(17, 3), (130, 64)],
-    "row_alpha": [(65, 100)],
-    "col_offset": [(63, 100)],
+    "row_alpha_label": [(65, 100)],
+    "col_offset_dense": [(63, 100)],
 }
-FP16 = {"infonce": (63, 64), "clip_sym": (65, 100), "supcon_in": (17, 100),
-        "cclk_dense": (63, 64), "kernel_g1": (65, 64), "siglip": (65, 100)}
+FP16 = {"infonce": (63, 64), "clip_symmetric": (65, 100), "supcon_in": (17, 100),
+        "cclk_dense": (63, 64), "dist_gamma1_pos": (65, 64), "siglip": (65, 100)}
 
 CASES = [pytest.param(kind, n, d, torch.float32, id=f"{kind}-N{n}-D{d}-fp32")
          for kind, shapes in SHAPES.items() for n, d in shapes]
@@ -202,7 +202,7 @@ CASES += [pytest.param(kind, n, d, torch.float16, id=f"{kind}-N{n}-D{d}-fp16")
 # bf16 under the interpreter runs the UPCAST path (fp32 dots); the bf16 tensor-core path is GPU-only
 CASES += [pytest.param(kind, n, d, torch.bfloat16, id=f"{kind}-N{n}-D{d}-bf16",
                        marks=() if INTERPRET else pytest.mark.gpu)
-          for kind, n, d in (("clip_sym", 65, 100), ("hcl", 17, 64))]
+          for kind, n, d in (("clip_symmetric", 65, 100), ("hcl", 17, 64))]
 
 
 @pytest.mark.parametrize("kind,n,d,dtype", CASES)
@@ -225,7 +225,7 @@ def test_autograd_end_to_end():
 
 
 def test_strided_inputs_and_empty():
-    spec, q, k, alpha, bias, aux = make_case("clip_sym", 17, 64, torch.float32)
+    spec, q, k, alpha, bias, aux = make_case("clip_symmetric", 17, 64, torch.float32)
     qs = torch.stack([q, -q], 2)[:, :, 0]  # stride (128, 2)
     kt = k.t().contiguous().t()  # stride (1, 17)
     a = tb.forward(spec, qs, kt, alpha, bias, aux)
@@ -269,7 +269,7 @@ def test_unavailable():
 @pytest.mark.skipif(not hasattr(torch.library, "opcheck"), reason="torch < 2.4")
 def test_custom_ops_opcheck():
     """The kernels' torch.library ops: schema, fake (meta) implementations, dispatch."""
-    spec, q, k, alpha, bias, aux = make_case("clip_sym", 17, 64, torch.float32)
+    spec, q, k, alpha, bias, aux = make_case("clip_symmetric", 17, 64, torch.float32)
     torch.library.opcheck(torch.ops.tilecl.triton_tile_fwd.default,
                           _ops.prefix_args(spec, q, k, alpha, bias, aux))
     stats, col = tb.forward(spec, q, k, alpha, bias, aux)
@@ -291,7 +291,7 @@ def test_torch_compile_fullgraph():
     from tilecl import _backends
 
     _backends.get("triton")  # load the module outside the traced region
-    spec, q, k, alpha, bias, aux = make_case("clip_sym", 17, 64, torch.float32)
+    spec, q, k, alpha, bias, aux = make_case("clip_symmetric", 17, 64, torch.float32)
 
     def f(q, k, a):
         stats, col, _ = tile_stats(spec, q, k, a, None, aux, backend="triton")
@@ -531,7 +531,7 @@ gpu = pytest.mark.skipif(not _CUDA or INTERPRET, reason="needs CUDA (and no TRIT
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("kind", ["clip_sym", "supcon_in", "hcl", "kernel_g2", "siglip"])
+@pytest.mark.parametrize("kind", ["clip_symmetric", "supcon_in", "hcl", "dist_gamma2_pos", "siglip"])
 def test_gpu_bf16_large(kind):
     """bf16 at N = 2048, D = 768 (several D chunks, autotuned configs) against fp32 torch on the
     same bf16-rounded inputs."""
@@ -553,7 +553,7 @@ def test_gpu_threshold_topk_large():
 @gpu
 def test_gpu_tf32(monkeypatch):
     monkeypatch.setenv("TILECL_TRITON_PRECISION", "tf32")
-    spec, q, k, alpha, bias, aux = make_case("clip_sym", 1024, 256, torch.float32)
+    spec, q, k, alpha, bias, aux = make_case("clip_symmetric", 1024, 256, torch.float32)
     stats, col = tb.forward(spec, q, k, alpha, bias, aux)
     rstats, rcol = _torch_tiled.forward(spec, q, k, alpha, bias, aux)
     assert_close("stats", stats, rstats, 1e-3)
