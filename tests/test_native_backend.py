@@ -13,8 +13,10 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import template_cases
 import torch
 import torch.nn.functional as F
+from template_cases import make_case
 
 from tilecl import _backends, _ops, _torch_tiled
 from tilecl._autograd import tile_stats
@@ -27,91 +29,6 @@ if native.unavailable("cpu") is not None:
     skip_or_fail(f"native backend not built: {native.unavailable('cpu')}", module=True)
 
 ALL, POS = SumSpec("all"), SumSpec("pos")
-
-
-def _labels(n, gen, classes):
-    return torch.randint(0, classes, (n,), generator=gen)
-
-
-def make_case(name, n, d, dtype, gen):
-    """(spec, q, k, alpha, bias, aux) of one flag combination; single-set cases use k = q."""
-    m = n
-    q = torch.randn(n, d, generator=gen, dtype=torch.float64)
-    q = q / q.norm(dim=1, keepdim=True)
-    k = None
-    alpha = torch.tensor(7.0, dtype=torch.float64)
-    bias = None
-    aux = TileAux()
-    ar = torch.arange(n)
-    if name == "infonce":  # one-directional InfoNCE / MoCo queue: M > N, positive index
-        m = 2 * n + 3
-        spec = TileSpec(positive="index", sums=(ALL,))
-        aux = TileAux(pos=torch.randint(0, m, (n,), generator=gen))
-    elif name == "clip_symmetric":
-        spec = TileSpec(positive="index", sums=(ALL,), col_lse=True)
-        aux = TileAux(pos=ar.clone())
-        alpha = torch.tensor(30.0, dtype=torch.float64)
-    elif name == "nt_xent_self":
-        spec = TileSpec(positive="index", sums=(ALL,))
-        aux = TileAux(excl=ar.clone(), pos=(ar + n // 2) % n)
-    elif name == "supcon_out":
-        spec = TileSpec(positive="label", sums=(ALL,), lin=True)
-        lab = _labels(n, gen, max(1, n // 3))
-        aux = TileAux(excl=ar.clone(), labels_q=lab, labels_k=lab)
-    elif name == "supcon_in":  # anchors without positives: lse+ = -inf rows
-        spec = TileSpec(positive="label", sums=(ALL, POS))
-        lab = _labels(n, gen, max(1, n // 2))
-        aux = TileAux(excl=ar.clone(), labels_q=lab, labels_k=lab)
-    elif name == "hcl":
-        spec = TileSpec(positive="index", sums=(SumSpec("neg", beta=2.0), SumSpec("neg", beta=1.0)))
-        aux = TileAux(excl=ar.clone(), pos=(ar + n // 2) % n)
-    elif name == "cclk_dense":
-        spec = TileSpec(positive="index", weight="dense", weight_clip=1e-6,
-                        sums=(SumSpec("all", weighted=True), SumSpec("all")))
-        mw = max(1, m // 2)
-        w = torch.rand(n, mw, generator=gen, dtype=torch.float64)
-        w[w < 0.2] = 1e-8  # clipped to 0
-        aux = TileAux(excl=ar.clone(), pos=(ar + n // 2) % n, weight=w)
-    elif name == "lowrank":
-        spec = TileSpec(positive="index", weight="lowrank", sums=(SumSpec("neg", weighted=True),))
-        aux = TileAux(excl=ar.clone(), pos=(ar + n // 2) % n,
-                      wa=torch.rand(n, 3, generator=gen, dtype=torch.float64),
-                      wb=torch.rand(n, 3, generator=gen, dtype=torch.float64))
-    elif name in ("dist_gamma2", "dist_gamma1", "dist_gamma15", "dist_gamma3"):
-        gamma = {"2": 2.0, "1": 1.0, "15": 1.5, "3": 3.0}[name[len("dist_gamma"):]]
-        spec = TileSpec(logit="dist", gamma=gamma, sums=(ALL,))
-        aux = TileAux(excl=ar.clone())
-        alpha = torch.tensor(2.0, dtype=torch.float64)
-    elif name == "siglip":
-        m = n + 2
-        spec = TileSpec(positive="label", sigmoid=True)
-        aux = TileAux(labels_q=_labels(n, gen, 4), labels_k=_labels(m, gen, 4))
-        alpha = torch.tensor(10.0, dtype=torch.float64)
-        bias = torch.tensor(-3.0, dtype=torch.float64)
-    elif name == "row_alpha":
-        m = n + 5
-        spec = TileSpec(positive="index", sums=(ALL,), col_lse=True)
-        aux = TileAux(pos=torch.randint(0, m, (n,), generator=gen))
-        alpha = 1.0 + 9.0 * torch.rand(n, generator=gen, dtype=torch.float64)
-    elif name == "col_offset":  # a visiting column block of the ring: global excl / pos indices
-        off = 11
-        spec = TileSpec(positive="label", sums=(ALL, SumSpec("neg", beta=0.5)), lin=True, col_lse=True)
-        m = n + 4
-        aux = TileAux(excl=ar + off + 1, labels_q=_labels(n, gen, 3), labels_k=_labels(m, gen, 3),
-                      col_offset=off)
-    else:
-        raise KeyError(name)
-    if k is None:
-        if m == n and name not in ("siglip",):
-            k = q.clone()
-        else:
-            k = torch.randn(m, d, generator=gen, dtype=torch.float64)
-            k = k / k.norm(dim=1, keepdim=True)
-    q, k = q.to(dtype), k.to(dtype)
-    adt = torch.float64 if dtype == torch.float64 else torch.float32
-    alpha = alpha.to(adt)
-    bias = bias.to(adt) if bias is not None else None
-    return spec, q, k, alpha, bias, aux
 
 
 def run(backend, spec, q, k, alpha, bias, aux, gen_seed):
@@ -156,9 +73,7 @@ def assert_match(got, want, rtol, where, names=NAMES):
                                          f"{int((a64 - b64).abs().argmax())}")
 
 
-CASES = ["infonce", "clip_symmetric", "nt_xent_self", "supcon_out", "supcon_in", "hcl", "cclk_dense",
-         "lowrank", "dist_gamma2", "dist_gamma1", "dist_gamma15", "dist_gamma3", "siglip", "row_alpha",
-         "col_offset"]
+CASES = template_cases.NAMES  # every template case
 SHAPES = [(1, 3), (7, 3), (63, 64), (65, 100), (130, 64)]
 DTYPES = {"fp64": (torch.float64, 1e-10), "fp32": (torch.float32, 1e-5)}
 

@@ -35,6 +35,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 triton = pytest.importorskip("triton")
 
+import template_cases  # noqa: E402
+
 from tilecl import _ops, _torch_tiled  # noqa: E402
 from tilecl._autograd import tile_stats  # noqa: E402
 from tilecl._spec import SumSpec, TileAux, TileSpec, spec_from_key  # noqa: E402
@@ -70,76 +72,20 @@ def _unit(n, d, gen, dtype):
 
 
 def make_case(kind, n, d, dtype, seed=0):
-    """(spec, q, k, alpha, bias, aux) of one loss family member, inputs on DEV."""
-    gen = torch.Generator().manual_seed(seed)
-    m = n
-    alpha = torch.tensor(1 / 0.07)
-    bias = None
-    single = kind in ("nt_xent_self", "supcon_out", "supcon_in", "hcl", "dist_gamma2_pos", "dist_gamma1_pos",
-                      "dist_gamma15_pos", "dist_gamma3_pos")
-    ar = torch.arange(n)
-    aux = TileAux()
-    if kind == "infonce":  # one direction, M > N candidates (MoCo-like queue)
-        m = 2 * n + 3
-        spec = TileSpec(positive="index", sums=(SumSpec(),))
-        aux = TileAux(pos=torch.randint(0, m, (n,), generator=gen))
-    elif kind == "clip_symmetric":
-        spec = TileSpec(positive="index", sums=(SumSpec(),), col_lse=True)
-        aux = TileAux(pos=ar)
-    elif kind == "nt_xent_self":
-        spec = TileSpec(positive="index", sums=(SumSpec(),))
-        aux = TileAux(excl=ar, pos=(ar + n // 2) % n)
-    elif kind in ("supcon_out", "supcon_in"):
-        labels = torch.randint(0, 4, (n,), generator=gen)
-        sums = (SumSpec(),) if kind == "supcon_out" else (SumSpec("pos"), SumSpec("all"))
-        spec = TileSpec(positive="label", sums=sums, lin=kind == "supcon_out")
-        aux = TileAux(excl=ar, labels_q=labels, labels_k=labels)
-    elif kind == "hcl":
-        b = 0.5
-        spec = TileSpec(positive="index", sums=(SumSpec("neg", 1 + b), SumSpec("neg", b)))
-        aux = TileAux(excl=ar, pos=(ar + n // 2) % n)
-    elif kind == "cclk_dense":  # weights [N, M/2] read at column j mod M/2, clipped below 1e-6
-        m = 2 * n
-        w = torch.rand(n, n, generator=gen)
-        w = torch.where(w < 0.2, torch.full_like(w, 1e-7), w)
-        spec = TileSpec(positive="index", sums=(SumSpec(weighted=True), SumSpec()),
-                        weight="dense", weight_clip=1e-6)
-        aux = TileAux(pos=ar, weight=w)
-    elif kind == "lowrank_clip":
-        m = n + 5
-        spec = TileSpec(positive="index", sums=(SumSpec("neg", weighted=True),),
-                        weight="lowrank", weight_clip=0.05)
-        aux = TileAux(pos=ar, wa=torch.rand(n, 3, generator=gen), wb=torch.rand(m, 3, generator=gen))
-    elif kind in ("dist_gamma2_pos", "dist_gamma1_pos", "dist_gamma15_pos", "dist_gamma3_pos"):
-        gamma = {"2": 2.0, "1": 1.0, "15": 1.5, "3": 3.0}[kind[len("dist_gamma"):-len("_pos")]]
-        spec = TileSpec(logit="dist", gamma=gamma, positive="index", sums=(SumSpec(),))
-        aux = TileAux(excl=ar, pos=(ar + n // 2) % n)
-        alpha = torch.tensor(2.0)
-    elif kind == "siglip":
-        labels = torch.randint(0, 5, (n,), generator=gen)
-        spec = TileSpec(positive="label", sigmoid=True)
-        aux = TileAux(labels_q=labels, labels_k=labels)
-        alpha, bias = torch.tensor(10.0), torch.tensor(-10.0)
-    elif kind == "row_alpha_label":  # per-row scale with label positives and the L_out statistics
-        labels = torch.randint(0, 3, (n,), generator=gen)
-        m = n + 7
-        spec = TileSpec(positive="label", sums=(SumSpec(),), lin=True)
-        aux = TileAux(labels_q=labels, labels_k=torch.randint(0, 3, (m,), generator=gen))
-        alpha = 5.0 + 10.0 * torch.rand(n, generator=gen)
-        bias = torch.tensor(0.3)  # shifts every logit; no bias gradient outside SigLIP
-    elif kind == "col_offset_dense":  # a visiting column block: global columns 7 .. 7 + M
-        m, off = n + 9, 7
-        spec = TileSpec(positive="index", sums=(SumSpec(weighted=True),), weight="dense")
-        aux = TileAux(excl=ar + off, pos=(ar * 3) % (m + off), col_offset=off,
-                      weight=torch.rand(n, m + off, generator=gen) + 0.1)
-    else:
-        raise KeyError(kind)
-    q = _unit(n, d, gen, dtype)
-    k = q if single else _unit(m, d, gen, dtype)
-    aux = TileAux(**{f: (v.to(DEV) if isinstance(v, torch.Tensor) else v)
-                     for f, v in vars(aux).items()})
-    bias = bias.to(DEV) if bias is not None else None
-    return spec, q, k, alpha.to(DEV), bias, aux
+    """(spec, q, k, alpha, bias, aux) of a template case (tests/template_cases.py) on DEV; one
+    set against itself passes q as k; side data in fp32 (what the launchers pass on)."""
+    spec, q, k, alpha, bias, aux = template_cases.make_case(
+        kind, n, d, dtype, torch.Generator().manual_seed(seed))
+    q = q.to(DEV)
+    k = q if kind in template_cases.SINGLE else k.to(DEV)
+
+    def side(v):
+        if not isinstance(v, torch.Tensor):
+            return v
+        return v.to(DEV, torch.float32) if v.is_floating_point() else v.to(DEV)
+
+    aux = TileAux(**{f: side(v) for f, v in vars(aux).items()})
+    return spec, q, k, alpha.to(DEV), side(bias) if bias is not None else None, aux
 
 
 def assert_close(name, got, ref, tol):
@@ -191,7 +137,16 @@ SHAPES = {  # kind -> (N, D) pairs; together they cover N 1/17/63/65/130 and D 3
     "siglip": [(17, 3), (130, 64)],
     "row_alpha_label": [(65, 100)],
     "col_offset_dense": [(63, 100)],
+    # the rest of the template cases, at small shapes (the interpreter's time)
+    "lowrank": [(17, 64)],
+    "dist_gamma2": [(17, 5)],
+    "dist_gamma1": [(17, 3)],
+    "dist_gamma15": [(17, 7)],
+    "dist_gamma3": [(17, 5)],
+    "row_alpha": [(17, 64)],
+    "col_offset": [(17, 100)],
 }
+assert sorted(SHAPES) == sorted(template_cases.NAMES), "every template case runs here"
 FP16 = {"infonce": (63, 64), "clip_symmetric": (65, 100), "supcon_in": (17, 100),
         "cclk_dense": (63, 64), "dist_gamma1_pos": (65, 64), "siglip": (65, 100)}
 
