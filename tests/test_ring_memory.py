@@ -2,7 +2,8 @@
 
 One process stands in for a ring of W ranks (a loopback ring: every rank holds the same shard, so
 the block a rank receives is a copy of the one it sent), with the kernels stubbed (they allocate
-nothing; the interpreter would take hours at this size) and the implementations called directly
+nothing; the interpreter would take hours at this size; the gemm backward's library products
+only allocate their outputs) and the implementations called directly
 (``_ops.DIRECT``), so every tensor the Function, the ring and the backend allocate is counted.
 Per rank the ring holds by design: the dq accumulator [N, D] fp32, the visiting block's dk
 accumulator, the one arriving and the one in flight (3 x [M, D] fp32), and two visiting blocks in
@@ -12,7 +13,7 @@ and small temporaries only: no fp32 [N, D] / [M, D] gradients per block.
 
 import pytest
 import torch
-from test_triton_workspace import _StubLse
+from test_triton_workspace import _StubLse, shape_only_matmul
 
 from tilecl import _ops, _ring
 from tilecl._autograd import tile_stats
@@ -47,6 +48,7 @@ def test_ring_triton_backward_in_bounded_workspace(monkeypatch, bwd, world):
     monkeypatch.delenv("TILECL_TRITON_WORKSPACE_MB", raising=False)
     monkeypatch.setenv("TILECL_TRITON_BWD", bwd)
     monkeypatch.setattr(tc, "_lse", _StubLse)
+    monkeypatch.setattr(torch, "matmul", shape_only_matmul)
     monkeypatch.setattr(_ops, "DIRECT", True)
     n, d, bf = 16384, 768, torch.bfloat16
     q = torch.full((n, d), 0.03, dtype=bf).requires_grad_()
