@@ -48,9 +48,9 @@ BASE = dict(DIST=False, GAMMA=2.0, HAS_BIAS=False, HAS_EXCL=False, HAS_THRESH=Fa
             TOPK_P2=1, PRECISION="ieee", UPCAST=False, FWD_STATS=False,
             HAS_GPOS=True, PART=True)  # the last two: the H kernel (gemm backward), fullest
 INT_PTRS = ("excl_ptr", "pos_ptr", "labq_ptr", "labk_ptr", "ti_ptr", "cidx_ptr", "spos_ptr")
-FP32_PTRS = ("a_ptr", "bias_ptr", "thr_ptr", "w_ptr", "wa_ptr", "wb_ptr", "st_ptr", "col_ptr",
-             "tv_ptr", "cref_ptr", "cacc_ptr", "g_ptr", "colst_ptr", "gc_ptr", "out_ptr",
-             "gsum_ptr", "gx_ptr", "gpos_ptr", "part_ptr")
+# the sizes of the problem the kernels are specialised for: N and M not multiples of 16 (any
+# batch), D = 768 (contiguous inputs; Triton specialises unit strides and multiples of 16)
+N_ROWS, M_COLS, D_FEAT = 1000, 1000, 768
 
 
 def _say_unsupported(why):
@@ -83,31 +83,43 @@ def _tool(name):
     return path if os.path.exists(path) else shutil.which(name)
 
 
-def _signature(fn, dtype, constexprs):
-    sig = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name in ("q_ptr", "k_ptr", "h_ptr"):
-            sig[name] = "*" + dtype
-        elif name in INT_PTRS:
-            sig[name] = "*i64"
-        elif name in FP32_PTRS:
-            sig[name] = "*fp32"
-        else:
-            sig[name] = "i32"
-    return sig
+def _launch_args(fn, dtype, constexprs):
+    """The arguments a launcher passes (``tilecl._triton.common._inputs`` and each kernel's
+    outputs), as CPU tensors of the right dtypes and sizes: what Triton's binder specialises."""
+    import torch
+
+    from tilecl.tritonops.tile import Head, Saved, Shape, Side, Spec, Strides
+
+    dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    n, m, d = N_ROWS, M_COLS, D_FEAT
+
+    def ptr(name, size=1):
+        return torch.zeros(size, dtype=torch.int64 if name in INT_PTRS else torch.float32)
+
+    spec = Spec(**{f: constexprs[f] for f in Spec._fields})
+    side = Side(*(ptr(f) for f in Side._fields))
+    head = Head(torch.zeros(n, d, dtype=dt), torch.zeros(m, d, dtype=dt), side,
+                Shape(n, m, 1, 1, 0), Strides(d, 1, d, 1, 1, 1, 1, 1, 1, 1, 1), d, spec)
+    values = dict(zip(Head._fields, head))
+    values.update(saved=Saved(ptr("st"), ptr("g"), ptr("colst"), ptr("gc"), n), h_ptr=ptr("h").to(dt),
+                  s_st=n, s_on=d, s_od=1, s_hn=m, s_pn=m, spos_offset=m)
+    kwargs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
+    args = [values[name] if name in values else ptr(name) for name in fn.arg_names
+            if name not in kwargs]
+    return args, kwargs
 
 
-# what Triton's JIT specialises for contiguous inputs with D % 16 == 0: unit strides become
-# constexpr 1, the other sizes and strides are multiples of 16, pointers are 16-byte aligned
-UNIT_STRIDES = dict(s_qd=1, s_kd=1, s_ww=1, s_ar=1, s_br=1, s_od=1)
-DIV16 = ("D", "s_qn", "s_kn", "s_on", "s_st")
+def _specialise(fn, args, kwargs, target):
+    """(signature, constexprs, attrs) as Triton's own launch path computes them for ``args``."""
+    from triton.compiler.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
 
-
-def _attrs(fn, sig):
-    return {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
-            if sig[n].startswith("*") or n in DIV16}
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    _, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization,
+                                                     options)
+    return signature, constexprs, attrs
 
 
 def _ptxas_stats(ptx, arch, name):
@@ -144,16 +156,16 @@ def compile_one(kernel, backward, trans, dtype, cc, flags, config=None):
     fn = _jit_fn(kernel)
     cfg = dict(config or (configs.DEFAULT_BWD if backward else configs.DEFAULT_FWD))
     warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-    constexprs = dict(BASE, **flags, TRANS=trans, **cfg, **UNIT_STRIDES)
+    constexprs = dict(BASE, **flags, TRANS=trans, **cfg)
     if dtype == "fp32":  # fp32 inputs at TILECL_TRITON_PRECISION=tf32 (ieee has no mma)
         constexprs["PRECISION"] = "tf32"
     if backward:
         constexprs.update(H16=dtype != "fp32", HSCALE=dtype == "fp16",
                           PRECISION2=constexprs["PRECISION"])
-    constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
-    sig = _signature(fn, dtype, constexprs)
-    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=_attrs(fn, sig))
     target = GPUTarget("cuda", cc, 32)
+    args, kwargs = _launch_args(fn, dtype, constexprs)
+    sig, consts, attrs = _specialise(fn, args, kwargs, target)
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     ck = triton.compile(src, target=target, options=dict(num_warps=warps, num_stages=stages))
     ptx = ck.asm.get("ptx", "")
     arch = "sm_90a" if cc == 90 else f"sm_{cc}"

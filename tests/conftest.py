@@ -66,6 +66,17 @@ def assert_rel(actual, expected, tol, what):
                              f"{expected.detach().reshape(-1)[d.argmax()].item():.6g})")
 
 
+def kernel_args(kernel, args, meta) -> dict:
+    """A Triton kernel launch's arguments by parameter name (positional ``args``, keyword
+    ``meta``; ``kernel`` possibly wrapped by autotune / heuristics)."""
+    import inspect
+
+    f = kernel
+    while not inspect.isfunction(f):
+        f = f.fn
+    return dict(zip(inspect.signature(f).parameters, args), **meta)
+
+
 def cpu_backends():
     """Tile backends that can run on this CPU. The triton backend joins the loss-level sweeps
     only on request (TILECL_TEST_TRITON=1, about 10 more minutes under the interpreter);

@@ -26,7 +26,7 @@ from conftest import assert_rel  # noqa: E402
 pytestmark = pytest.mark.skipif(tc.unavailable("cpu") is not None,
                                 reason="the triton backend cannot run on the CPU here")
 
-lse, C = tc._lse, tc._configs
+lse, C, Spec = tc._lse, tc._configs, tc.Spec
 KERNELS = {"fwd": "_lse_fwd_kernel", "bwd": "_lse_bwd_kernel", "h": "_lse_h_kernel"}
 RUNS = 3  # benchmark runs per candidate
 TUNED = {"BM", "BN", "BK", "BD"}
@@ -116,7 +116,9 @@ def test_tuning_key_holds_every_flag(name):
     assert ker.keys == want
     assert set(ker.keys) <= set(ker.arg_names)  # (a name the kernel lacks would be dropped)
     assert derived <= {"UPCAST", "H16", "HSCALE"}
-    for flag in ("LIN", "POSITIVE", "HAS_EXCL", "HAS_BIAS", "PRECISION", "DIST", "TRANS", "SIG"):
+    # the template's flags travel as one constexpr, SPEC (tritonops/tile.py Spec), keyed whole
+    assert {"LIN", "POSITIVE", "HAS_EXCL", "HAS_BIAS", "DIST", "SIG"} <= set(Spec._fields)
+    for flag in ("SPEC", "PRECISION", "TRANS"):
         assert flag in ker.keys
     if name == "fwd":
         assert {"COL_ATOMIC", "COL_GATHER", "TOPK"} <= set(ker.keys)

@@ -41,6 +41,8 @@ from tilecl import _ops, _torch_tiled  # noqa: E402
 from tilecl._autograd import tile_stats  # noqa: E402
 from tilecl._spec import SumSpec, TileAux, TileSpec, spec_from_key  # noqa: E402
 
+from conftest import kernel_args  # noqa: E402
+
 tb = pytest.importorskip("tilecl._triton.launch")
 tc = pytest.importorskip("tilecl._triton.common")
 
@@ -631,7 +633,7 @@ def test_col_atomic_falls_back_where_the_sum_underflows(monkeypatch):
         def __getitem__(self, grid):
             def launch(*args, **meta):
                 if meta.get("COL_GATHER"):
-                    gathered.append(args[18].clone())  # cidx_ptr
+                    gathered.append(kernel_args(real, args, meta)["cidx_ptr"].clone())
                 return real[grid](*args, **meta)
             return launch
 

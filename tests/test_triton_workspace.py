@@ -20,7 +20,7 @@ from tilecl._triton import launch as tb
 from tilecl.memtrack import PeakTensorBytes
 
 from cases import CASES, run
-from conftest import assert_rel
+from conftest import assert_rel, kernel_args
 
 pytestmark = pytest.mark.skipif(tc.unavailable("cpu") is not None,
                                 reason="the triton backend cannot run on the CPU here")
@@ -171,13 +171,15 @@ class _StubKernel:
     """Stands in for a Triton kernel: ``kernel[grid](*args, **meta)`` fills its outputs with a
     constant (the interpreter would copy every argument, and take hours at this size)."""
 
-    def __init__(self, outputs):
-        self.outputs = outputs  # meta -> positions of the output arguments
+    def __init__(self, name, outputs):
+        self.name = name  # the kernel it stands in for (its parameter names)
+        self.outputs = outputs  # meta -> names of the output arguments
 
     def __getitem__(self, grid):
         def launch(*args, **meta):
-            for i in self.outputs(meta):
-                args[i].fill_(0.5)
+            named = kernel_args(getattr(_REAL_LSE, self.name), args, meta)
+            for name in self.outputs(meta):
+                named[name].fill_(0.5)
         return launch
 
 
@@ -188,12 +190,16 @@ def shape_only_matmul(a, b):
     return torch.zeros(a.shape[0], b.shape[1], dtype=a.dtype, device=a.device)
 
 
+_REAL_LSE = getattr(tc, "_lse", None)  # the kernels (tests replace tc._lse with stubs)
+
+
 class _StubLse:
-    # forward: (12 input pointers, stats, col, top values, top indices, ...); the row pass
-    # writes stats (12), the column pass (TRANS) the column LSE (13). backward: out is 16.
-    _lse_fwd_kernel = _StubKernel(lambda meta: (13,) if meta["TRANS"] else (12,))
-    _lse_bwd_kernel = _StubKernel(lambda meta: (16,))
-    _lse_h_kernel = _StubKernel(lambda meta: (18, 19))  # H and its partial sums
+    # the forward's row pass writes the stats, its column pass (TRANS) the column LSE
+    _lse_fwd_kernel = _StubKernel("_lse_fwd_kernel",
+                                  lambda meta: ("col_ptr",) if meta["TRANS"] else ("st_ptr",))
+    _lse_bwd_kernel = _StubKernel("_lse_bwd_kernel", lambda meta: ("out_ptr",))
+    _lse_h_kernel = _StubKernel("_lse_h_kernel",  # H and its partial sums
+                                lambda meta: ("h_ptr", "part_ptr"))
 
 
 # auto: the gemm backward at this D (SigLIP's forward in its row H pass); fused: the chunked one
@@ -460,7 +466,7 @@ def test_gemm_backward_memory_bounded_by_workspace(monkeypatch):
     monkeypatch.setenv("TILECL_TRITON_WORKSPACE_MB", "1")
 
     class Lse:
-        _lse_h_kernel = _StubKernel(lambda meta: (18,))
+        _lse_h_kernel = _StubKernel("_lse_h_kernel", lambda meta: ("h_ptr",))
 
     args = _clip_problem(n, d, torch.float32, forward=_torch_tiled.forward)  # (fast here)
     monkeypatch.setattr(tc, "_lse", Lse)

@@ -16,12 +16,12 @@ from .tile import (
     _autotuned,
     _finish_lse,
     _heuristics,
+    _load_alpha,
+    _load_bias,
     _online_lse,
     _softplus_sum,
     _sum_mask,
-    _tile_logits,
-    _tile_masks,
-    _tile_weights,
+    _tile,
 )
 from .topk import _KEY_NONE, _topk_init, _topk_merge, _topk_unpack
 
@@ -31,17 +31,9 @@ from .topk import _KEY_NONE, _topk_init, _topk_merge, _topk_unpack
 @_heuristics(False)
 @triton.jit
 def _lse_fwd_kernel(
-    q_ptr, k_ptr, a_ptr, bias_ptr, excl_ptr, pos_ptr, labq_ptr, labk_ptr, thr_ptr, w_ptr, wa_ptr,
-    wb_ptr, st_ptr, col_ptr, tv_ptr, ti_ptr, cref_ptr, cacc_ptr, cidx_ptr,
-    N, M, D, MW, R, col_offset,
-    s_qn, s_qd, s_kn, s_kd, s_a, s_wn, s_ww, s_an, s_ar, s_bn, s_br, s_st,
-    DIST: tl.constexpr, GAMMA: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_EXCL: tl.constexpr,
-    HAS_THRESH: tl.constexpr,
-    POSITIVE: tl.constexpr, WEIGHT: tl.constexpr, CLIP: tl.constexpr, N_SUMS: tl.constexpr,
-    C0: tl.constexpr, B0: tl.constexpr, W0: tl.constexpr,
-    C1: tl.constexpr, B1: tl.constexpr, W1: tl.constexpr,
-    LIN: tl.constexpr, SIG: tl.constexpr, COL_LSE: tl.constexpr, TRANS: tl.constexpr,
-    COL_ATOMIC: tl.constexpr, COL_GATHER: tl.constexpr,
+    q_ptr, k_ptr, side, shape, strides, D, SPEC: tl.constexpr,
+    st_ptr, col_ptr, tv_ptr, ti_ptr, cref_ptr, cacc_ptr, cidx_ptr, s_st,
+    TRANS: tl.constexpr, COL_ATOMIC: tl.constexpr, COL_GATHER: tl.constexpr,
     TOPK: tl.constexpr, TOPK_P2: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
@@ -57,10 +49,8 @@ def _lse_fwd_kernel(
     Column pass with COL_GATHER: only the M columns listed in cidx (int64), for that fallback.
     """
     i_p = tl.program_id(0).to(tl.int64)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr).to(tl.float32)
-    else:
-        bias = 0.0
+    N, M = shape.N, shape.M
+    bias = _load_bias(side, SPEC)
     if TRANS:
         # column LSE of symmetric CLIP (math.md 2.1): this program owns BN columns, sweeps rows
         o_c = i_p * BN + tl.arange(0, BN)
@@ -74,19 +64,16 @@ def _lse_fwd_kernel(
         for i0 in range(0, N, BM):
             o_m = i0 + tl.arange(0, BM).to(tl.int64)
             m_m = o_m < N
-            a_i = tl.load(a_ptr + o_m * s_a, mask=m_m, other=1.0).to(tl.float32)
-            b_x, b_inner = _tile_logits(q_ptr, k_ptr, s_qn, s_qd, s_kn, s_kd, o_m, m_m, o_n, m_n,
-                                        a_i, bias, D, BM, BN, BK, DIST, GAMMA, HAS_BIAS, UPCAST,
-                                        PRECISION)
-            m_allowed, m_y = _tile_masks(excl_ptr, pos_ptr, labq_ptr, labk_ptr, thr_ptr,
-                                         col_offset, o_m, m_m, o_n, m_n, b_x, HAS_EXCL, POSITIVE,
-                                         HAS_THRESH)
+            a_i = _load_alpha(side, strides, o_m, m_m)
+            b_x, b_inner, m_allowed, m_y, b_w = _tile(q_ptr, k_ptr, side, shape, strides, D, o_m,
+                                                      m_m, o_n, m_n, a_i, bias, SPEC, PRECISION,
+                                                      UPCAST, BM, BN, BK)
             b_mc, b_lc = _online_lse(b_x, m_allowed, b_x, b_mc, b_lc, False, 0)
         tl.store(col_ptr + o_n, _finish_lse(b_mc, b_lc), mask=m_n)
     else:
         o_m = i_p * BM + tl.arange(0, BM)
         m_m = o_m < N
-        a_i = tl.load(a_ptr + o_m * s_a, mask=m_m, other=1.0).to(tl.float32)
+        a_i = _load_alpha(side, strides, o_m, m_m)
         b_m0 = tl.full([BM], NEG_INF, dtype=tl.float32)
         b_l0 = tl.zeros([BM], dtype=tl.float32)
         b_m1 = tl.full([BM], NEG_INF, dtype=tl.float32)
@@ -99,25 +86,20 @@ def _lse_fwd_kernel(
         for j0 in range(0, M, BN):
             o_n = j0 + tl.arange(0, BN).to(tl.int64)
             m_n = o_n < M
-            b_x, b_inner = _tile_logits(q_ptr, k_ptr, s_qn, s_qd, s_kn, s_kd, o_m, m_m, o_n, m_n,
-                                        a_i, bias, D, BM, BN, BK, DIST, GAMMA, HAS_BIAS, UPCAST,
-                                        PRECISION)
-            m_allowed, m_y = _tile_masks(excl_ptr, pos_ptr, labq_ptr, labk_ptr, thr_ptr,
-                                         col_offset, o_m, m_m, o_n, m_n, b_x, HAS_EXCL, POSITIVE,
-                                         HAS_THRESH)
-            b_w = _tile_weights(w_ptr, s_wn, s_ww, MW, wa_ptr, s_an, s_ar, wb_ptr, s_bn, s_br, R,
-                                col_offset, o_m, m_m, o_n, m_n, BM, BN, WEIGHT, CLIP)
+            b_x, b_inner, m_allowed, m_y, b_w = _tile(q_ptr, k_ptr, side, shape, strides, D, o_m,
+                                                      m_m, o_n, m_n, a_i, bias, SPEC, PRECISION,
+                                                      UPCAST, BM, BN, BK)
             # lse^k = log sum_j [cols^k] w_ij exp(beta_k x_ij), own running max each (math.md 1.1)
-            if N_SUMS >= 1:
-                m_s = _sum_mask(m_allowed, m_y, b_w, C0, W0)
-                b_m0, b_l0 = _online_lse(b_x * B0, m_s, b_w, b_m0, b_l0, W0, 1)
-            if N_SUMS >= 2:
-                m_s = _sum_mask(m_allowed, m_y, b_w, C1, W1)
-                b_m1, b_l1 = _online_lse(b_x * B1, m_s, b_w, b_m1, b_l1, W1, 1)
-            if LIN:  # SupCon L_out: sum of positive logits and their count (math.md 4.1)
+            if SPEC.N_SUMS >= 1:
+                m_s = _sum_mask(m_allowed, m_y, b_w, SPEC.C0, SPEC.W0)
+                b_m0, b_l0 = _online_lse(b_x * SPEC.B0, m_s, b_w, b_m0, b_l0, SPEC.W0, 1)
+            if SPEC.N_SUMS >= 2:
+                m_s = _sum_mask(m_allowed, m_y, b_w, SPEC.C1, SPEC.W1)
+                b_m1, b_l1 = _online_lse(b_x * SPEC.B1, m_s, b_w, b_m1, b_l1, SPEC.W1, 1)
+            if SPEC.LIN:  # SupCon L_out: sum of positive logits and their count (math.md 4.1)
                 b_lin += tl.sum(tl.where(m_y, b_x, 0.0), axis=1)
                 b_cnt += tl.sum(m_y.to(tl.float32), axis=1)
-            if SIG:
+            if SPEC.SIG:
                 b_sig += _softplus_sum(b_x, m_allowed, m_y)
             if COL_ATOMIC:  # column sums against cref_j >= max_i x_ij - 64 (no overflow)
                 b_ref = tl.load(cref_ptr + o_n, mask=m_n, other=0.0)
@@ -126,20 +108,20 @@ def _lse_fwd_kernel(
             if TOPK > 0:  # hardest negatives: allowed (not excluded, not dropped), not positive
                 b_top = _topk_merge(b_top, b_x, m_allowed & ~m_y, o_n)
         p_st = st_ptr + o_m
-        if N_SUMS >= 1:
+        if SPEC.N_SUMS >= 1:
             tl.store(p_st, _finish_lse(b_m0, b_l0), mask=m_m)
-        if N_SUMS >= 2:
+        if SPEC.N_SUMS >= 2:
             tl.store(p_st + s_st, _finish_lse(b_m1, b_l1), mask=m_m)
-        if LIN:
-            tl.store(p_st + N_SUMS * s_st, b_lin, mask=m_m)
-            tl.store(p_st + (N_SUMS + 1) * s_st, b_cnt, mask=m_m)
-        if SIG:
-            tl.store(p_st + (N_SUMS + 2 * LIN) * s_st, b_sig, mask=m_m)
+        if SPEC.LIN:
+            tl.store(p_st + SPEC.N_SUMS * s_st, b_lin, mask=m_m)
+            tl.store(p_st + (SPEC.N_SUMS + 1) * s_st, b_cnt, mask=m_m)
+        if SPEC.SIG:
+            tl.store(p_st + (SPEC.N_SUMS + 2 * SPEC.LIN) * s_st, b_sig, mask=m_m)
         if TOPK > 0:  # sorted, local column -> global, empty slot (-inf) -> -1
             o_t = tl.arange(0, TOPK_P2)
             b_top = tl.sort(tl.where(o_t[None, :] < TOPK, b_top, _KEY_NONE), 1, descending=True)
             b_tv, b_tc = _topk_unpack(b_top)
-            b_ti = tl.where(b_tv == NEG_INF, -1, b_tc + col_offset)
+            b_ti = tl.where(b_tv == NEG_INF, -1, b_tc + shape.col_offset)
             p_t = o_m[:, None] * TOPK + o_t[None, :]
             m_t = m_m[:, None] & (o_t[None, :] < TOPK)
             tl.store(tv_ptr + p_t, b_tv, mask=m_t)

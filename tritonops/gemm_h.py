@@ -5,24 +5,16 @@ import triton
 import triton.language as tl
 
 from .backward import _load_col_stats, _load_row_stats, _tile_backward
-from .tile import _autotuned, _heuristics, _softplus_sum
+from .tile import _autotuned, _heuristics, _load_alpha, _load_bias, _softplus_sum
 
 
 @_autotuned(False)
 @_heuristics(False)
 @triton.jit
 def _lse_h_kernel(
-    q_ptr, k_ptr, a_ptr, bias_ptr, excl_ptr, pos_ptr, labq_ptr, labk_ptr, thr_ptr, w_ptr, wa_ptr,
-    wb_ptr, st_ptr, g_ptr, colst_ptr, gc_ptr, spos_ptr, gpos_ptr, h_ptr, part_ptr,
-    N, M, D, MW, R, col_offset, spos_offset,
-    s_qn, s_qd, s_kn, s_kd, s_a, s_wn, s_ww, s_an, s_ar, s_bn, s_br, s_st, s_hn, s_pn,
-    DIST: tl.constexpr, GAMMA: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_EXCL: tl.constexpr,
-    HAS_THRESH: tl.constexpr,
-    POSITIVE: tl.constexpr, WEIGHT: tl.constexpr, CLIP: tl.constexpr, N_SUMS: tl.constexpr,
-    C0: tl.constexpr, B0: tl.constexpr, W0: tl.constexpr,
-    C1: tl.constexpr, B1: tl.constexpr, W1: tl.constexpr,
-    LIN: tl.constexpr, SIG: tl.constexpr, COL_LSE: tl.constexpr, TRANS: tl.constexpr,
-    HAS_GPOS: tl.constexpr, PART: tl.constexpr, FWD_STATS: tl.constexpr,
+    q_ptr, k_ptr, side, shape, strides, D, SPEC: tl.constexpr,
+    saved, spos_ptr, gpos_ptr, h_ptr, part_ptr, spos_offset, s_hn, s_pn,
+    TRANS: tl.constexpr, HAS_GPOS: tl.constexpr, PART: tl.constexpr, FWD_STATS: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
@@ -41,25 +33,17 @@ def _lse_h_kernel(
     """
     i_m = tl.program_id(0).to(tl.int64)
     i_n = tl.program_id(1).to(tl.int64)
+    N = shape.N
     o_m = i_m * BM + tl.arange(0, BM)
     m_m = o_m < N
     o_n = i_n * BN + tl.arange(0, BN)
-    m_n = o_n < M
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr).to(tl.float32)
-    else:
-        bias = 0.0
-    a_i = tl.load(a_ptr + o_m * s_a, mask=m_m, other=1.0).to(tl.float32)
-    b_lse0, b_g0, b_lse1, b_g1, b_glin, b_gsig = _load_row_stats(
-        st_ptr, g_ptr, s_st, o_m, m_m, BM, N_SUMS, LIN, SIG)
-    b_lsec, b_gc = _load_col_stats(colst_ptr, gc_ptr, o_n, m_n, BN, COL_LSE)
+    m_n = o_n < shape.M
+    a_i = _load_alpha(side, strides, o_m, m_m)
+    rows = _load_row_stats(saved, o_m, m_m, SPEC, BM)
+    cols = _load_col_stats(saved, o_n, m_n, SPEC, BN)
     b_x, b_G, b_h, m_allowed, m_y = _tile_backward(
-        q_ptr, k_ptr, excl_ptr, pos_ptr, labq_ptr, labk_ptr, thr_ptr, w_ptr, wa_ptr,
-        wb_ptr, s_qn, s_qd, s_kn, s_kd, s_wn, s_ww, s_an, s_ar, s_bn, s_br, D, MW, R,
-        col_offset, o_m, m_m, o_n, m_n, a_i, bias, b_lse0, b_g0, b_lse1, b_g1, b_glin,
-        b_gsig, b_lsec, b_gc, DIST, GAMMA, HAS_BIAS, HAS_EXCL, HAS_THRESH, POSITIVE,
-        WEIGHT, CLIP, N_SUMS, C0, B0, W0, C1, B1, W1, LIN, SIG, COL_LSE, PRECISION,
-        UPCAST, BM, BN, BK)
+        q_ptr, k_ptr, side, shape, strides, D, o_m, m_m, o_n, m_n, a_i, _load_bias(side, SPEC),
+        rows, cols, SPEC, PRECISION, UPCAST, BM, BN, BK)
     m_in = m_m[:, None] & m_n[None, :]
     if HAS_GPOS:
         b_sp = tl.load(spos_ptr + o_m, mask=m_m, other=-1) - spos_offset

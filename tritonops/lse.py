@@ -4,9 +4,10 @@
 * ``_lse_bwd_kernel`` (``backward.py``): dq or dk for one chunk of D, recomputing the tiles;
 * ``_lse_h_kernel`` (``gemm_h.py``): H = dL/d<q_i, k_j> tiles for the gemm backward.
 
-Shared @triton.jit pieces live in ``tile.py`` (logits, masks, weights, online LSE, decorators)
-and ``topk.py``. This module is the one handle through which the launchers
-(``tilecl._triton``, through ``common._lse``) reach the kernels (tests replace it with stubs).
+Shared @triton.jit pieces live in ``tile.py`` (the argument tuples, logits, masks, weights,
+online LSE, decorators) and ``topk.py``. This module is the one handle through which the
+launchers (``tilecl._triton``, through ``common._lse``) reach the kernels (tests replace it with
+stubs).
 """
 
 from .backward import _lse_bwd_kernel

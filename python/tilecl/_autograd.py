@@ -125,23 +125,38 @@ class TileStatsFunction(torch.autograd.Function):
                                 pos, g_pos, needs)
 
 
+def _block_grads(ctx, impl, final, q, kb, alpha, bias, aux_b, stats, colb, g_stats, gcolb, needs,
+                 pos, g_pos, single_set, acc=None):
+    """(dq, dk, dalpha, dbias) of rows q against one column block kb: the backend's
+    memory-bounded backward (``final``: the positive pair inside, and with ``acc`` its products
+    added into those fp32 accumulators), else its plain backward plus the positive pair's term
+    here (math.md 1.3). ``pos`` is None for a block without the positive column."""
+    if final is not None:
+        extra = {} if acc is None else {"acc": acc}
+        return final(ctx.spec, q, kb, alpha, bias, aux_b, stats, colb, g_stats, gcolb, needs, pos,
+                     g_pos, single_set, **extra)
+    dq, dk, da, db = impl.backward(ctx.spec, q, kb, alpha, bias, aux_b, stats, colb, g_stats,
+                                   gcolb, needs)
+    if pos is not None:
+        dq, dk, da = _add_positive(q, kb, alpha, pos, g_pos, dq, dk, da, needs, stats.dtype,
+                                   ctx.spec)
+    return dq, dk, da, db
+
+
+def _one_set(dq, dk):
+    """z against itself: dz = dq + dk of the same rows (summed before the one rounding)."""
+    return (dq + dk if (dq is not None and dk is not None) else dq), None
+
+
 def _backward_one_block(ctx, impl, final, q, k, alpha, bias, stats, col, g_stats, g_col, pos,
                         g_pos, needs):
     """One block (one process): the gradients rounded to the input dtypes straight from the
-    backend's fp32 accumulators (by ``final`` chunk by chunk, else here)."""
-    spec = ctx.spec
-    if final is not None:
-        dq, dk, da, db = final(spec, q, k, alpha, bias, ctx.aux, stats, col, g_stats, g_col,
-                               needs, pos, g_pos, ctx.single_set)
-        return (dq if needs[0] else None, None if ctx.single_set else dk,
-                _cast(da, alpha, needs[2]), _cast(db, bias, needs[3]))
-    dq, dk, da, db = impl.backward(spec, q, k, alpha, bias, ctx.aux, stats, col, g_stats, g_col,
-                                   needs)
-    if pos is not None:
-        dq, dk, da = _add_positive(q, k, alpha, pos, g_pos, dq, dk, da, needs, stats.dtype, spec)
-    if ctx.single_set:  # z against itself: dz = dq + dk, rounded to the input dtype once
-        dq = dq + dk if (dq is not None and dk is not None) else dq
-        dk = None
+    backend's fp32 accumulators (by ``final`` chunk by chunk, which also sums one set's dq and
+    dk; else here)."""
+    dq, dk, da, db = _block_grads(ctx, impl, final, q, k, alpha, bias, ctx.aux, stats, col,
+                                  g_stats, g_col, needs, pos, g_pos, ctx.single_set)
+    if ctx.single_set:
+        dq, dk = (dq, None) if final is not None else _one_set(dq, dk)
     return (_cast(dq, q, needs[0]), _cast(dk, k, needs[1]), _cast(da, alpha, needs[2]),
             _cast(db, bias, needs[3]))
 
@@ -151,7 +166,7 @@ def _backward_blocks(ctx, impl, final, q, k, alpha, bias, stats, col, g_stats, g
     """The blocks of ``ctx.columns`` one after the other (the ring): the same backend calls as
     one block, into fp32 accumulators (dq and dalpha / dbias here, each block's dk travelling
     home with it), rounded once at the end. The positive pair is added at the local block."""
-    spec, cdt = ctx.spec, stats.dtype
+    cdt = stats.dtype
     n, d = q.shape
     dq = torch.zeros(n, d, dtype=cdt, device=q.device) if needs[0] else None
     da = torch.zeros(alpha.shape, dtype=cdt, device=q.device)
@@ -159,29 +174,26 @@ def _backward_blocks(ctx, impl, final, q, k, alpha, bias, stats, col, g_stats, g
 
     def visit(kb, aux_b, colb, gcolb, local):
         p, gp = (pos, g_pos) if local else (None, None)
+        acc = None
         if final is not None:  # the backend adds its chunks into dq and the block's dk
             dk_b = torch.zeros(kb.shape[0], d, dtype=cdt, device=q.device) if needs[1] else None
-            _, _, da_b, db_b = final(spec, q, kb, alpha, bias, aux_b, stats, colb, g_stats,
-                                     gcolb, needs, p, gp, False, acc=(dq, dk_b))
-        else:
-            dq_b, dk_b, da_b, db_b = impl.backward(spec, q, kb, alpha, bias, aux_b, stats, colb,
-                                                   g_stats, gcolb, needs)
-            if p is not None:
-                dq_b, dk_b, da_b = _add_positive(q, kb, alpha, p, gp, dq_b, dk_b, da_b, needs, cdt,
-                                                 spec)
-            if dq is not None and dq_b is not None:
-                dq.add_(dq_b)
+            acc = (dq, dk_b)
+        dq_b, dk_b, da_b, db_b = _block_grads(ctx, impl, final, q, kb, alpha, bias, aux_b, stats,
+                                              colb, g_stats, gcolb, needs, p, gp, False, acc)
+        if final is not None:
+            dk_b = acc[1]
+        elif dq is not None and dq_b is not None:
+            dq.add_(dq_b)
         # a backend returns None for a gradient nobody asked for (``needs``): a float or a
         # 0-dim temperature without grad gives no dalpha partial
-        for acc, part in ((da, da_b), (db, db_b)):
+        for total, part in ((da, da_b), (db, db_b)):
             if part is not None:
-                acc.add_(part)
+                total.add_(part)
         return dk_b
 
-    dk = ctx.columns.backward(spec, k, ctx.aux, col, g_col, n, bool(needs[1]), cdt, visit)
-    if ctx.single_set:  # dz = dq + dk of the same rows, summed in fp32, rounded once
-        dq = dq + dk if (dq is not None and dk is not None) else dq
-        dk = None
+    dk = ctx.columns.backward(ctx.spec, k, ctx.aux, col, g_col, n, bool(needs[1]), cdt, visit)
+    if ctx.single_set:  # summed in fp32, rounded once
+        dq, dk = _one_set(dq, dk)
     return (_cast(dq, q, needs[0]), _cast(dk, k, needs[1] and not ctx.single_set),
             _cast(da, alpha, needs[2]), _cast(db, bias, needs[3] and bias is not None))
 

@@ -86,7 +86,7 @@ def _final_impl(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, g_s
     gsum = torch.zeros(n, device=dev, dtype=f32)  # sum_j G_ij (SigLIP bias)
     da = torch.zeros(n, device=dev, dtype=f32)
     if rows or cols:
-        flags = common._bwd_flags(spec, aux, bias)
+        flags = common._bwd_flags()
         st, gst, cst, gc = common._bwd_stats(spec, stats, col, g_stats, g_col, n, dev)
     if acc is not None:
         dq, dk = acc[0] if need_q else None, acc[1] if need_k else None
@@ -205,7 +205,7 @@ def _forward_dq_impl(spec: TileSpec, q, k, alpha, bias, aux: TileAux):
     stats, u, qdot, gsum = fwd_dq_outputs(spec, q)
     if n == 0 or m == 0:
         return stats, u, qdot, gsum
-    flags = dict(common._bwd_flags(spec, aux, bias), FWD_STATS=True)
+    flags = dict(common._bwd_flags(), FWD_STATS=True)
     ones = torch.ones(spec.n_stats, n, device=dev, dtype=f32)
     cst = gc = common._dummy(dev, f32)
     ws = _Workspace(d, n, dev)

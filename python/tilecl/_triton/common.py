@@ -19,6 +19,7 @@ try:
 
     from ..tritonops import configs as _configs
     from ..tritonops import lse as _lse
+    from ..tritonops.tile import Head, Saved, Shape, Side, Spec, Strides
 
     _IMPORT_ERROR = None
 except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -42,11 +43,12 @@ def _dummy(device, dtype):
     return torch.zeros(1, device=device, dtype=dtype)
 
 
-def _flags(spec: TileSpec, aux: TileAux, bias):
-    """The kernels' constexpr flags for one spec (one compiled specialisation per distinct set)."""
+def kernel_spec(spec: TileSpec, aux: TileAux, bias) -> "Spec":
+    """The kernels' template flags for one spec (``tritonops.tile.Spec``, one constexpr: one
+    compiled specialisation per distinct value)."""
     sums = list(spec.sums) + [SumSpec()] * (2 - len(spec.sums))
     dist = spec.logit == "dist"
-    return dict(
+    return Spec(
         DIST=dist, GAMMA=float(spec.gamma) if dist else 2.0,
         HAS_BIAS=(bias is not None) and not dist, HAS_EXCL=aux.excl is not None,
         HAS_THRESH=bool(spec.threshold),
@@ -56,12 +58,17 @@ def _flags(spec: TileSpec, aux: TileAux, bias):
         C0=COLUMNS.index(sums[0].cols), B0=float(sums[0].beta), W0=bool(sums[0].weighted),
         C1=COLUMNS.index(sums[1].cols), B1=float(sums[1].beta), W1=bool(sums[1].weighted),
         LIN=bool(spec.lin), SIG=bool(spec.sigmoid), COL_LSE=bool(spec.col_lse),
-        PRECISION=_configs.dot_precision(),
     )
 
 
-def _inputs(spec: TileSpec, q, k, alpha, bias, aux: TileAux):
-    """Pointer arguments shared by both kernels, and their strides (inputs stay strided)."""
+def _flags() -> dict:
+    """The pass flags every launch passes (the dots' fp32 input precision)."""
+    return dict(PRECISION=_configs.dot_precision())
+
+
+def _inputs(spec: TileSpec, q, k, alpha, bias, aux: TileAux) -> "Head":
+    """The leading arguments of every kernel (``tritonops.tile.Head``): q, k, the side data's
+    pointers, the sizes, the strides (inputs stay strided), D and the template flags."""
     dev = q.device
     i64 = torch.int64
     a = alpha.detach().to(device=dev, dtype=torch.float32).reshape(-1)
@@ -83,11 +90,12 @@ def _inputs(spec: TileSpec, q, k, alpha, bias, aux: TileAux):
     w = aux.weight if spec.weight == "dense" else _dummy(dev, torch.float32).view(1, 1)
     wa = aux.wa if spec.weight == "lowrank" else _dummy(dev, torch.float32).view(1, 1)
     wb = aux.wb if spec.weight == "lowrank" else _dummy(dev, torch.float32).view(1, 1)
-    ptrs = (q, k, a, b, excl, pos, labq, labk, thr, w, wa, wb)
-    sizes = (q.shape[0], k.shape[0], q.shape[1], w.shape[1], wa.shape[1], int(aux.col_offset))
-    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), s_a,
-               w.stride(0), w.stride(1), wa.stride(0), wa.stride(1), wb.stride(0), wb.stride(1))
-    return ptrs, sizes, strides
+    side = Side(a, b, excl, pos, labq, labk, thr, w, wa, wb)
+    shape = Shape(q.shape[0], k.shape[0], w.shape[1], wa.shape[1], int(aux.col_offset))
+    strides = Strides(q.stride(0), q.stride(1), k.stride(0), k.stride(1), s_a,
+                           w.stride(0), w.stride(1), wa.stride(0), wa.stride(1), wb.stride(0),
+                           wb.stride(1))
+    return Head(q, k, side, shape, strides, q.shape[1], kernel_spec(spec, aux, bias))
 
 
 def _output(shape, dev, written):
@@ -124,7 +132,7 @@ def _bwd_stats(spec: TileSpec, stats, col, g_stats, g_col, n, dev):
 def _launch_bwd(spec, flags, q, k, alpha, bias, aux, st, gst, cst, gc, out, gsum, gx, trans):
     """One backward pass into ``out`` (fp32 [N, D] rows of q, or [M, D] columns of k with
     ``trans``); q, k, alpha, aux, the statistics and gsum / gx are the slices this launch sees."""
-    ptrs, sizes, strides = _inputs(spec, q, k, alpha, bias, aux)
+    head = _inputs(spec, q, k, alpha, bias, aux)
     d = q.shape[1]
     if trans:
         def grid(meta):
@@ -132,12 +140,13 @@ def _launch_bwd(spec, flags, q, k, alpha, bias, aux, st, gst, cst, gc, out, gsum
     else:
         def grid(meta):
             return (triton.cdiv(q.shape[0], meta["BM"]), triton.cdiv(d, meta["BD"]))
-    _lse._lse_bwd_kernel[grid](*ptrs, st, gst, cst, gc, out, gsum, gx, *sizes, *strides,
-                               st.stride(0), out.stride(0), out.stride(1), TRANS=trans, **flags)
+    saved = Saved(st, gst, cst, gc, st.stride(0))
+    _lse._lse_bwd_kernel[grid](*head, saved, out, gsum, gx, out.stride(0), out.stride(1),
+                               TRANS=trans, **flags)
 
 
-def _bwd_flags(spec, aux, bias):
-    flags = _flags(spec, aux, bias)
+def _bwd_flags():
+    flags = _flags()
     # gradient matmul of fp32 inputs at the same precision (16-bit: see tritonops.lse._grad_dot)
     flags["PRECISION2"] = flags["PRECISION"]
     flags["FWD_STATS"] = False

@@ -99,13 +99,13 @@ def _h_block(spec, flags, bias, qs, ks, al, aux_s, stats4, spos_s, gpos_s, p_off
     st_s, gst_s, cst_s, gc_s = stats4
     dev = qs.device
     h = torch.empty(qs.shape[0], ks.shape[0], device=dev, dtype=qs.dtype)
-    ptrs, sizes, strides = common._inputs(spec, qs, ks, al, bias, aux_s)
+    head = common._inputs(spec, qs, ks, al, bias, aux_s)
+    saved = common.Saved(st_s, gst_s, cst_s, gc_s, st_s.stride(0))
     p = part if part is not None else common._dummy(dev, torch.float32).view(1, 1, 1)
 
     def grid(meta):
         return (-(-qs.shape[0] // meta["BM"]), -(-ks.shape[0] // meta["BN"]))
-    common._lse._lse_h_kernel[grid](*ptrs, st_s, gst_s, cst_s, gc_s, spos_s, gpos_s, h, p,
-                                *sizes, p_off, *strides, st_s.stride(0), h.stride(0),
+    common._lse._lse_h_kernel[grid](*head, saved, spos_s, gpos_s, h, p, p_off, h.stride(0),
                                 p.stride(1), TRANS=False, HAS_GPOS=has_gpos,
                                 PART=part is not None, FWD_STATS=fwd_stats, **flags)
     return h
@@ -134,7 +134,7 @@ def backward(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, g_stat
     gsum = torch.zeros(n, device=dev, dtype=f32)
     has_gpos = pos is not None and g_pos is not None
     if rows or cols:
-        flags = common._flags(spec, aux, bias)
+        flags = common._flags()
         st, gst, cst, gc = common._bwd_stats(spec, stats, col, g_stats, g_col, n, dev)
         spos = pos.to(device=dev, dtype=torch.int64) if has_gpos else common._dummy(dev, torch.int64)
         gpos = g_pos.detach().to(device=dev, dtype=f32) if has_gpos else common._dummy(dev, f32)
@@ -196,7 +196,7 @@ def forward_dq(spec: TileSpec, q, k, alpha, bias, aux: TileAux):
     stats, u, qdot, gsum = fwd_dq_outputs(spec, q)
     if n == 0 or m == 0:
         return stats, u, qdot, gsum
-    flags = common._flags(spec, aux, bias)
+    flags = common._flags()
     g = torch.full((spec.n_stats, n), 1.0 / n, device=dev, dtype=f32)
     none, inone = common._dummy(dev, f32), common._dummy(dev, torch.int64)
     b = bias.detach().to(device=dev, dtype=f32) if flags_bias(spec, bias) else None

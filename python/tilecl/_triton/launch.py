@@ -81,8 +81,8 @@ def _forward_impl(spec: TileSpec, q, k, alpha, bias, aux: TileAux):
     done = (stats, col) if top is None else (stats, col, top)
     if n == 0 or m == 0:
         return done
-    ptrs, sizes, strides = _inputs(spec, q, k, alpha, bias, aux)
-    flags = _flags(spec, aux, bias)
+    head = _inputs(spec, q, k, alpha, bias, aux)
+    flags = _flags()
     flags.update(TOPK=int(spec.topk), TOPK_P2=common.triton.next_power_of_2(max(int(spec.topk), 1)))
     out_col = col if col is not None else _dummy(dev, torch.float32)
     # the kernel writes every kept entry; NaN-poisoned under the interpreter (a miss fails loudly)
@@ -100,7 +100,7 @@ def _forward_impl(spec: TileSpec, q, k, alpha, bias, aux: TileAux):
     flags.update(COL_ATOMIC=atomic, COL_GATHER=False)
     if spec.n_stats > 0 or top is not None or atomic:
         common._lse._lse_fwd_kernel[lambda meta: (common.triton.cdiv(n, meta["BM"]),)](
-            *ptrs, *outs, *sizes, *strides, stats.stride(0), TRANS=False, **flags)
+            *head, *outs, stats.stride(0), TRANS=False, **flags)
     if atomic:
         # usable where the sum is finite and above n 2^-100: the terms that exp flushed to zero
         # (each < 2^-126) then weigh < 2^-26 of it; the rest (and empty columns) are recomputed
@@ -111,13 +111,13 @@ def _forward_impl(spec: TileSpec, q, k, alpha, bias, aux: TileAux):
         redo = torch.nonzero(~ok).squeeze(1)  # one host sync
         if redo.numel():
             flags.update(COL_ATOMIC=False, COL_GATHER=True)
-            gsizes = (sizes[0], redo.numel(), *sizes[2:])
+            ghead = head._replace(shape=head.shape._replace(M=redo.numel()))
             outs = (stats, out_col, tv, ti, cref, cacc, redo)
             common._lse._lse_fwd_kernel[lambda meta: (common.triton.cdiv(redo.numel(), meta["BN"]),)](
-                *ptrs, *outs, *gsizes, *strides, stats.stride(0), TRANS=True, **flags)
+                *ghead, *outs, stats.stride(0), TRANS=True, **flags)
     elif spec.col_lse:
         common._lse._lse_fwd_kernel[lambda meta: (common.triton.cdiv(m, meta["BN"]),)](
-            *ptrs, *outs, *sizes, *strides, stats.stride(0), TRANS=True, **flags)
+            *head, *outs, stats.stride(0), TRANS=True, **flags)
     return done if top is None else (stats, col, (tv, ti))
 
 
@@ -187,7 +187,7 @@ def _backward_impl(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, 
     gx = torch.zeros(n, device=dev, dtype=f32)  # sum_j G_ij x_ij (distance logits)
     gsum = torch.zeros(n, device=dev, dtype=f32)  # sum_j G_ij (SigLIP bias)
     if rows or cols:
-        flags = _bwd_flags(spec, aux, bias)
+        flags = _bwd_flags()
         st, gst, cst, gc = _bwd_stats(spec, stats, col, g_stats, g_col, n, dev)
         if rows:
             common._launch_bwd(spec, flags, q, k, alpha, bias, aux, st, gst, cst, gc, dq, gsum, gx, False)
