@@ -136,28 +136,29 @@ Problem make_problem(const std::string& spec, const py::dict& d) {
   p.sk1 = get<int64_t>(d, "sk1");
   p.alpha = ptr<const void>(d, "alpha");
   p.bias = ptr<const void>(d, "bias");
-  p.excl = ptr<const int64_t>(d, "excl");
-  p.pos = ptr<const int64_t>(d, "pos");
-  p.labels_q = ptr<const int64_t>(d, "labels_q");
-  p.labels_k = ptr<const int64_t>(d, "labels_k");
-  p.weight = ptr<const void>(d, "weight");
-  p.mw = get<int64_t>(d, "mw");
-  p.wa = ptr<const void>(d, "wa");
-  p.wb = ptr<const void>(d, "wb");
-  p.rank = get<int64_t>(d, "rank");
-  p.col_offset = get<int64_t>(d, "col_offset");
-  p.thresh = d.contains("thresh") ? ptr<const void>(d, "thresh") : nullptr;
+  tilecl::Aux<void>& a = p.aux;
+  a.excl = ptr<const int64_t>(d, "excl");
+  a.pos = ptr<const int64_t>(d, "pos");
+  a.labels_q = ptr<const int64_t>(d, "labels_q");
+  a.labels_k = ptr<const int64_t>(d, "labels_k");
+  a.weight = ptr<const void>(d, "weight");
+  a.mw = get<int64_t>(d, "mw");
+  a.wa = ptr<const void>(d, "wa");
+  a.wb = ptr<const void>(d, "wb");
+  a.rank = get<int64_t>(d, "rank");
+  a.col_offset = get<int64_t>(d, "col_offset");
+  a.thresh = d.contains("thresh") ? ptr<const void>(d, "thresh") : nullptr;
   p.threads = get<int>(d, "threads");
   // pointers the flags need must be there (the kernels trust them)
   if ((p.n > 0 && (!p.q || !p.alpha)) || (p.m > 0 && !p.k))
     throw std::invalid_argument("tilecl._C: q, k and alpha are required");
-  if (p.spec.positive == tilecl::POS_INDEX && p.n > 0 && !p.pos)
+  if (p.spec.positive == tilecl::POS_INDEX && p.n > 0 && !a.pos)
     throw std::invalid_argument("tilecl._C: positive=index needs pos");
-  if (p.spec.positive == tilecl::POS_LABEL && ((p.n > 0 && !p.labels_q) || (p.m > 0 && !p.labels_k)))
+  if (p.spec.positive == tilecl::POS_LABEL && ((p.n > 0 && !a.labels_q) || (p.m > 0 && !a.labels_k)))
     throw std::invalid_argument("tilecl._C: positive=label needs labels_q and labels_k");
-  if (p.spec.weight == tilecl::W_DENSE && p.n > 0 && (!p.weight || p.mw <= 0))
+  if (p.spec.weight == tilecl::W_DENSE && p.n > 0 && (!a.weight || a.mw <= 0))
     throw std::invalid_argument("tilecl._C: weight=dense needs weight [N, Mw]");
-  if (p.spec.weight == tilecl::W_LOWRANK && ((p.n > 0 && !p.wa) || (p.m > 0 && !p.wb)))
+  if (p.spec.weight == tilecl::W_LOWRANK && ((p.n > 0 && !a.wa) || (p.m > 0 && !a.wb)))
     throw std::invalid_argument("tilecl._C: weight=lowrank needs wa and wb");
   return p;
 }
@@ -170,18 +171,21 @@ Problem make_problem(const std::string& spec, const py::dict& d) {
 
 void forward(const std::string& spec, const py::dict& prob, uint64_t stats, uint64_t col, int device,
              uint64_t stream, uint64_t top_vals, uint64_t top_idx, int topk) {
-  const Problem p = make_problem(spec, prob);
-  tilecl::ForwardOut out{reinterpret_cast<void*>(stats), reinterpret_cast<void*>(col),
-                         reinterpret_cast<void*>(top_vals), reinterpret_cast<int64_t*>(top_idx), topk};
-  if (p.spec.col_lse && p.m > 0 && !out.col) throw std::invalid_argument("tilecl._C: col needed");
+  Problem p = make_problem(spec, prob);
+  p.stats = reinterpret_cast<void*>(stats);
+  p.col = reinterpret_cast<void*>(col);
+  p.top_vals = reinterpret_cast<void*>(top_vals);
+  p.top_idx = reinterpret_cast<int64_t*>(top_idx);
+  p.topk = topk;
+  if (p.spec.col_lse && p.m > 0 && !p.col) throw std::invalid_argument("tilecl._C: col needed");
   if (topk > 0 && device != 0)
     throw std::invalid_argument("tilecl._C: the CUDA kernels do not stream top-k negatives");
   py::gil_scoped_release nogil;
   if (device == 0) {
-    tilecl::cpu_forward(p, out);
+    tilecl::cpu_forward(p);
   } else {
 #ifdef TILECL_WITH_CUDA
-    tilecl::cuda_forward(p, out, reinterpret_cast<void*>(stream));
+    tilecl::cuda_forward(p, reinterpret_cast<void*>(stream));
 #else
     (void)stream;
     no_cuda();
@@ -191,24 +195,23 @@ void forward(const std::string& spec, const py::dict& prob, uint64_t stats, uint
 
 void backward(const std::string& spec, const py::dict& prob, const py::dict& io_d, int device,
               uint64_t stream) {
-  const Problem p = make_problem(spec, prob);
-  tilecl::BackwardIO io{};
-  io.stats = ptr<const void>(io_d, "stats");
-  io.col = ptr<const void>(io_d, "col");
-  io.g_stats = ptr<const void>(io_d, "g_stats");
-  io.g_col = ptr<const void>(io_d, "g_col");
-  io.dq = ptr<void>(io_d, "dq");
-  io.dk = ptr<void>(io_d, "dk");
-  io.gx = ptr<void>(io_d, "gx");
-  io.gsum = ptr<void>(io_d, "gsum");
-  if (p.n > 0 && (!io.stats || !io.g_stats) && p.spec.n_stats() > 0)
+  Problem p = make_problem(spec, prob);
+  p.stats_in = ptr<const void>(io_d, "stats");
+  p.col_in = ptr<const void>(io_d, "col");
+  p.g_stats = ptr<const void>(io_d, "g_stats");
+  p.g_col = ptr<const void>(io_d, "g_col");
+  p.dq = ptr<void>(io_d, "dq");
+  p.dk = ptr<void>(io_d, "dk");
+  p.gx = ptr<void>(io_d, "gx");
+  p.gsum = ptr<void>(io_d, "gsum");
+  if (p.n > 0 && (!p.stats_in || !p.g_stats) && p.spec.n_stats() > 0)
     throw std::invalid_argument("tilecl._C: backward needs stats and g_stats");
   py::gil_scoped_release nogil;
   if (device == 0) {
-    tilecl::cpu_backward(p, io);
+    tilecl::cpu_backward(p);
   } else {
 #ifdef TILECL_WITH_CUDA
-    tilecl::cuda_backward(p, io, reinterpret_cast<void*>(stream));
+    tilecl::cuda_backward(p, reinterpret_cast<void*>(stream));
 #else
     (void)stream;
     no_cuda();
@@ -216,31 +219,30 @@ void backward(const std::string& spec, const py::dict& prob, const py::dict& io_
   }
 }
 
-// The bytes of the KParams of one launch (tile_math.h, filled by tile_api.h make_params), for
-// the NVRTC launcher, which passes them through a device pointer: its buffers by name (absent or
-// 0: null), the keys of KParams' buffer fields.
+// The bytes of one launch's Problem (tile_math.h, the CUDA kernels' KParams view) for the NVRTC
+// launcher, which passes them through a device pointer: its buffers by name (absent or 0: null),
+// the names of Problem's buffer fields.
 py::bytes kparams(const std::string& spec, const py::dict& prob, const py::dict& bufs) {
-  const Problem p = make_problem(spec, prob);
-  tilecl::KParams k = tilecl::make_params(p);
-  const std::pair<const char*, void**> fields[] = {
-      {"stats", reinterpret_cast<void**>(&k.stats)},
-      {"col", reinterpret_cast<void**>(&k.col)},
-      {"stats_in", reinterpret_cast<void**>(const_cast<float**>(&k.stats_in))},
-      {"col_in", reinterpret_cast<void**>(const_cast<float**>(&k.col_in))},
-      {"g_stats", reinterpret_cast<void**>(const_cast<float**>(&k.g_stats))},
-      {"g_col", reinterpret_cast<void**>(const_cast<float**>(&k.g_col))},
-      {"dq", reinterpret_cast<void**>(&k.dq)},
-      {"dk", reinterpret_cast<void**>(&k.dk)},
-      {"gx", reinterpret_cast<void**>(&k.gx)},
-      {"gsum", reinterpret_cast<void**>(&k.gsum)}};
+  Problem p = make_problem(spec, prob);
+  const std::pair<const char*, const void**> fields[] = {
+      {"stats", const_cast<const void**>(&p.stats)},
+      {"col", const_cast<const void**>(&p.col)},
+      {"stats_in", &p.stats_in},
+      {"col_in", &p.col_in},
+      {"g_stats", &p.g_stats},
+      {"g_col", &p.g_col},
+      {"dq", const_cast<const void**>(&p.dq)},
+      {"dk", const_cast<const void**>(&p.dk)},
+      {"gx", const_cast<const void**>(&p.gx)},
+      {"gsum", const_cast<const void**>(&p.gsum)}};
   size_t used = 0;
   for (const auto& f : fields) {
     if (!bufs.contains(f.first)) continue;
-    *f.second = reinterpret_cast<void*>(static_cast<uintptr_t>(bufs[f.first].cast<uint64_t>()));
+    *f.second = reinterpret_cast<const void*>(static_cast<uintptr_t>(bufs[f.first].cast<uint64_t>()));
     ++used;
   }
   if (used != bufs.size()) throw std::invalid_argument("tilecl._C.kparams: unknown buffer name");
-  return py::bytes(reinterpret_cast<const char*>(&k), sizeof(k));
+  return py::bytes(reinterpret_cast<const char*>(&p), sizeof(p));
 }
 
 }  // namespace
@@ -252,7 +254,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("topk") = 0,
         "Per-row statistics [S, N], column LSE [M] and top-k negatives of q against k (tile_api.h).");
   m.def("backward", &backward, py::arg("spec"), py::arg("prob"), py::arg("io"), py::arg("device"),
-        py::arg("stream"), "Accumulate dq, dk, gx, gsum from dL/dstats (see tile_api.h).");
+        py::arg("stream"), "Accumulate dq, dk, gx, gsum from dL/dstats (see tile_math.h Problem).");
   m.def("has_cuda", [] {
 #ifdef TILECL_WITH_CUDA
     return true;
@@ -291,5 +293,5 @@ PYBIND11_MODULE(_C, m) {
   m.def("rtc_source", [] { return std::string(tilecl_rtc_source); },
         "The CUDA device code (tile_math.h + cuda/tile_kernels.cuh) for NVRTC / CuPy RawModule.");
   m.def("kparams", &kparams, py::arg("spec"), py::arg("prob"), py::arg("bufs"),
-        "The bytes of one CUDA launch's KParams (tile_math.h) for the NVRTC launcher.");
+        "The bytes of one CUDA launch's Problem (tile_math.h) for the NVRTC launcher.");
 }

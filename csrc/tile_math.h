@@ -14,6 +14,7 @@
 #ifndef __CUDACC_RTC__
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 #else
 typedef long long int64_t;  // NVRTC has no <stdint.h>
 typedef unsigned short uint16_t;
@@ -70,30 +71,68 @@ struct Aux {
                             // x_ij > thresh_i is a false negative and leaves every sum
 };
 
-// The arguments of one CUDA tile kernel launch: the problem (tile_api.h Problem, in the compute
-// type) and the pass's buffers. Plain data, the same layout on the host (tile_api.h make_params,
-// tilecl._C.kparams for NVRTC launches) and on the device (cuda/tile_kernels.cuh).
-struct KParams {
+// One problem and the buffers of its pass: the ONE parameter struct of the native backend. The
+// bindings fill it (bindings.cpp make_problem), the CPU path reads it (cpu/), the CUDA kernels
+// take it by value (nvcc launches) or through a device pointer (NVRTC; its bytes come from
+// tilecl._C.kparams). q [N, D] against k [M, D] (any strides, dtype code `dtype`); alpha [N],
+// the bias, the side data and every buffer in the COMPUTE type V (float64 for float64 inputs,
+// float32 otherwise, contiguous; index / label vectors int64).
+//
+// V is the view of those pointers: void on the host (Problem: the bindings and the CPU
+// dispatch, which pick the compute type from dtype), the compute type where it is known
+// (typed<T>(p): the CPU loops, the CUDA kernels' KParams). The fields do not depend on V, so
+// every instantiation has the same bytes.
+//
+// Forward buffers (written, not accumulated): stats [S, N] (TileSpec layout), col [M] (column
+//   LSE, spec.col_lse only); topk > 0 (TileSpec.topk, CPU only): top_vals [N, topk] the row's
+//   largest logits over allowed non-positive columns, descending, top_idx [N, topk] int64 their
+//   global columns; -inf / -1 past the row's number of such columns.
+// Backward buffers: saved stats_in [S, N], col_in [M], their upstream gradients g_stats [S, N],
+//   g_col [M]; outputs ACCUMULATED into (the caller zeroes them):
+//   dq [N, D], dk [M, D]          (null: not needed)
+//   gx [N]   = sum_j G_ij x_ij    (distance logits: dL/dalpha_i = gx_i / alpha_i)
+//   gsum [N] = sum_j G_ij         (SigLIP bias: dL/db = sum_i gsum_i); null when not needed
+template <typename V>
+struct ProblemT {
   Spec spec;
+  int dtype;    // DType of q and k
+  int threads;  // CPU threads (<= 0: OpenMP default)
   int64_t n, m, d;
   const void* q;
   int64_t sq0, sq1;
   const void* k;
   int64_t sk0, sk1;
-  const float* alpha;  // [N]
-  const float* bias;   // scalar or null
-  Aux<float> aux;
-  float* stats;  // forward: [S, N]
-  float* col;    // forward: [M]
-  const float* stats_in;  // backward: saved [S, N], [M] and their upstream gradients
-  const float* col_in;
-  const float* g_stats;
-  const float* g_col;
-  float* dq;    // [N, D] accumulated (null: not needed)
-  float* dk;    // [M, D]
-  float* gx;    // [N]: sum_j G_ij x_ij
-  float* gsum;  // [N]: sum_j G_ij
+  const V* alpha;  // [N]
+  const V* bias;   // scalar or null
+  Aux<V> aux;
+  V* stats;  // forward
+  V* col;
+  V* top_vals;
+  int64_t* top_idx;
+  int64_t topk;
+  const V* stats_in;  // backward
+  const V* col_in;
+  const V* g_stats;
+  const V* g_col;
+  V* dq;
+  V* dk;
+  V* gx;
+  V* gsum;
 };
+
+using Problem = ProblemT<void>;
+using KParams = ProblemT<float>;  // the CUDA kernels' view (fp32 compute)
+
+#ifndef __CUDACC_RTC__
+// The problem with its pointers seen in the compute type T (the same bytes).
+template <typename T>
+inline ProblemT<T> typed(const Problem& p) {
+  static_assert(sizeof(ProblemT<T>) == sizeof(Problem), "one layout for every view");
+  ProblemT<T> t;
+  memcpy(static_cast<void*>(&t), static_cast<const void*>(&p), sizeof(t));
+  return t;
+}
+#endif
 
 #ifdef __CUDACC_RTC__  // NVRTC: device code only, no __builtin_huge_val
 template <typename T>

@@ -16,21 +16,22 @@ namespace cpu {
 namespace TCL_ISA {
 
 template <typename T, bool DIST, int POS, int WMODE>
-void backward_impl(const Problem& p, const BackwardIO& io) {
+void backward_impl(const Problem& p) {
   const Spec& sp = p.spec;
-  const Aux<T> aux = make_aux<T>(p);
+  const ProblemT<T> tp = typed<T>(p);
+  const Aux<T>& aux = tp.aux;
   const int nt = num_threads(p.threads, p.n, p.m, p.d);
   const int64_t n = p.n, m = p.m, d = p.d, bc = col_block(m, nt);
   const bool fast = use_array_epilogue();
-  const T* stats = static_cast<const T*>(io.stats);
-  const T* g_stats = static_cast<const T*>(io.g_stats);
-  const T* colv = static_cast<const T*>(io.col);
-  const T* g_col = static_cast<const T*>(io.g_col);
-  T* dq = static_cast<T*>(io.dq);
-  T* dk = static_cast<T*>(io.dk);
-  T* gx = static_cast<T*>(io.gx);
-  T* gsum = static_cast<T*>(io.gsum);
-  const T* alpha = static_cast<const T*>(p.alpha);
+  const T* stats = tp.stats_in;
+  const T* g_stats = tp.g_stats;
+  const T* colv = tp.col_in;
+  const T* g_col = tp.g_col;
+  T* dq = tp.dq;
+  T* dk = tp.dk;
+  T* gx = tp.gx;
+  T* gsum = tp.gsum;
+  const T* alpha = tp.alpha;
   const T gamma = static_cast<T>(p.spec.gamma);
   const bool has_col = sp.col_lse && colv != nullptr && g_col != nullptr;
   std::vector<Scratch<T>> scratch;

@@ -43,14 +43,14 @@ inline int omp_get_thread_num() { return 0; }
 // Entry points of the ISA sections (csrc/cpu/kernels.h), defined in kernels_<isa>.cpp. float64
 // is the parity path (gradcheck, golden tests): only the portable section compiles it.
 namespace generic {
-void forward_f32(const Problem& p, const ForwardOut& out);
-void backward_f32(const Problem& p, const BackwardIO& io);
-void forward_f64(const Problem& p, const ForwardOut& out);
-void backward_f64(const Problem& p, const BackwardIO& io);
+void forward_f32(const Problem& p);
+void backward_f32(const Problem& p);
+void forward_f64(const Problem& p);
+void backward_f64(const Problem& p);
 }  // namespace generic
 namespace avx2 {
-void forward_f32(const Problem& p, const ForwardOut& out);
-void backward_f32(const Problem& p, const BackwardIO& io);
+void forward_f32(const Problem& p);
+void backward_f32(const Problem& p);
 }  // namespace avx2
 
 }  // namespace cpu

@@ -10,19 +10,20 @@ namespace cpu {
 namespace TCL_ISA {
 
 template <typename T, bool DIST, int POS, int WMODE>
-void forward_impl(const Problem& p, const ForwardOut& out) {
+void forward_impl(const Problem& p) {
   const Spec& sp = p.spec;
-  const Aux<T> aux = make_aux<T>(p);
+  const ProblemT<T> tp = typed<T>(p);
+  const Aux<T>& aux = tp.aux;
   const int nt = num_threads(p.threads, p.n, p.m, p.d);
   const int64_t n = p.n, m = p.m, d = p.d, bc = col_block(m, nt);
   const bool fast = use_array_epilogue();
-  T* stats = static_cast<T*>(out.stats);
+  T* stats = tp.stats;
   // The column LSE reuses the exponentials of the first row sum when that one runs over all
   // allowed columns with beta 1 and no weights (math.md 2.1; _torch_tiled._col_lse): one exp per
   // element instead of two.
   const bool share = fast && sp.col_lse && sp.n_sums > 0 && sp.cols[0] == COLS_ALL &&
                      sp.beta[0] == 1.0 && !sp.weighted[0];
-  // running column (max, sum) per row-block group, merged in group order into out.col
+  // running column (max, sum) per row-block group, merged in group order into col
   const int64_t groups = row_groups(n, nt, INT64_MAX);
   std::vector<T> col_m, col_l;
   if (sp.col_lse) {
@@ -37,7 +38,7 @@ void forward_impl(const Problem& p, const ForwardOut& out) {
   // running row state per thread: max and sum of each accumulator (lin, cnt, sig live in stats)
   std::vector<T> rstate((size_t)nt * 4 * BR);
   // running top-k list per row of the thread's block: values, global columns, length
-  const int kk = out.topk;
+  const int64_t kk = p.topk;
   std::vector<T> top_v((size_t)nt * BR * kk);
   std::vector<int64_t> top_i((size_t)nt * BR * kk);
   std::vector<int> top_n((size_t)nt * BR);
@@ -191,20 +192,20 @@ void forward_impl(const Problem& p, const ForwardOut& out) {
     for (int k = 0; k < sp.n_sums; ++k)
       for (int64_t r = 0; r < br; ++r)
         stats[k * n + i0 + r] = lse_finish(st[2 * k * BR + r], st[(2 * k + 1) * BR + r]);
-    T* vals = static_cast<T*>(out.top_vals);
+    T* vals = tp.top_vals;
     for (int64_t r = 0; r < br && kk; ++r) {  // the lists, padded with -inf / -1
       const size_t at = ((size_t)t * BR + r) * kk;
       for (int u = 0; u < kk; ++u) {
         const bool has = u < top_n[t * BR + r];
         vals[(i0 + r) * kk + u] = has ? top_v[at + u] : neg_inf<T>();
-        out.top_idx[(i0 + r) * kk + u] = has ? top_i[at + u] : -1;
+        p.top_idx[(i0 + r) * kk + u] = has ? top_i[at + u] : -1;
       }
     }
   };
 
   sweep_rows(n, m, bc, nt, groups, row_begin, tile, row_end);
   if (sp.col_lse) {
-    T* col = static_cast<T*>(out.col);
+    T* col = tp.col;
     for (int64_t j = 0; j < m; ++j) {
       T mj = neg_inf<T>(), lj = T(0);
       for (int64_t g = 0; g < groups; ++g) {  // merge the partials in group order

@@ -22,16 +22,16 @@ namespace cpu {
 namespace TCL_ISA {
 
 template <typename T>
-void forward_typed(const Problem& p, const ForwardOut& out) {
+void forward_typed(const Problem& p) {
   dispatch(p, [&](auto dist, auto pos, auto wm) {
-    forward_impl<T, decltype(dist)::value, decltype(pos)::value, decltype(wm)::value>(p, out);
+    forward_impl<T, decltype(dist)::value, decltype(pos)::value, decltype(wm)::value>(p);
   });
 }
 
 template <typename T>
-void backward_typed(const Problem& p, const BackwardIO& io) {
+void backward_typed(const Problem& p) {
   dispatch(p, [&](auto dist, auto pos, auto wm) {
-    backward_impl<T, decltype(dist)::value, decltype(pos)::value, decltype(wm)::value>(p, io);
+    backward_impl<T, decltype(dist)::value, decltype(pos)::value, decltype(wm)::value>(p);
   });
 }
 

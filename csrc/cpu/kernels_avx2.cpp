@@ -16,8 +16,8 @@ namespace tilecl {
 namespace cpu {
 namespace avx2 {
 
-void forward_f32(const Problem& p, const ForwardOut& out) { forward_typed<float>(p, out); }
-void backward_f32(const Problem& p, const BackwardIO& io) { backward_typed<float>(p, io); }
+void forward_f32(const Problem& p) { forward_typed<float>(p); }
+void backward_f32(const Problem& p) { backward_typed<float>(p); }
 
 }  // namespace avx2
 }  // namespace cpu

@@ -9,10 +9,10 @@ namespace tilecl {
 namespace cpu {
 namespace generic {
 
-void forward_f32(const Problem& p, const ForwardOut& out) { forward_typed<float>(p, out); }
-void backward_f32(const Problem& p, const BackwardIO& io) { backward_typed<float>(p, io); }
-void forward_f64(const Problem& p, const ForwardOut& out) { forward_typed<double>(p, out); }
-void backward_f64(const Problem& p, const BackwardIO& io) { backward_typed<double>(p, io); }
+void forward_f32(const Problem& p) { forward_typed<float>(p); }
+void backward_f32(const Problem& p) { backward_typed<float>(p); }
+void forward_f64(const Problem& p) { forward_typed<double>(p); }
+void backward_f64(const Problem& p) { backward_typed<double>(p); }
 
 }  // namespace generic
 }  // namespace cpu

@@ -22,35 +22,35 @@ void check(const Problem& p) {
   if (p.dtype < 0 || p.dtype > 3) throw std::invalid_argument("tilecl._C: unknown dtype code");
   if (p.n < 0 || p.m < 0 || p.d < 0) throw std::invalid_argument("tilecl._C: negative size");
   if (p.spec.n_sums < 0 || p.spec.n_sums > 2) throw std::invalid_argument("tilecl._C: n_sums");
-  if (p.spec.weight == W_DENSE && p.mw <= 0)
+  if (p.spec.weight == W_DENSE && p.aux.mw <= 0)
     throw std::invalid_argument("tilecl._C: dense weights need Mw > 0");
 }
 
-void check(const ForwardOut& out, const Problem& p) {
-  if (out.topk < 0 || (out.topk > 0 && p.n > 0 && (!out.top_vals || !out.top_idx)))
+void check_topk(const Problem& p) {
+  if (p.topk < 0 || (p.topk > 0 && p.n > 0 && (!p.top_vals || !p.top_idx)))
     throw std::invalid_argument("tilecl._C: topk needs top_vals [N, topk] and top_idx [N, topk]");
 }
 
 }  // namespace
 }  // namespace cpu
 
-void cpu_forward(const Problem& p, const ForwardOut& out) {
+void cpu_forward(const Problem& p) {
   cpu::check(p);
-  cpu::check(out, p);
-  if (p.dtype == DT_F64) return cpu::generic::forward_f64(p, out);
+  cpu::check_topk(p);
+  if (p.dtype == DT_F64) return cpu::generic::forward_f64(p);
 #ifdef TILECL_HAVE_AVX2_TU
-  if (cpu::use_avx2()) return cpu::avx2::forward_f32(p, out);
+  if (cpu::use_avx2()) return cpu::avx2::forward_f32(p);
 #endif
-  cpu::generic::forward_f32(p, out);
+  cpu::generic::forward_f32(p);
 }
 
-void cpu_backward(const Problem& p, const BackwardIO& io) {
+void cpu_backward(const Problem& p) {
   cpu::check(p);
-  if (p.dtype == DT_F64) return cpu::generic::backward_f64(p, io);
+  if (p.dtype == DT_F64) return cpu::generic::backward_f64(p);
 #ifdef TILECL_HAVE_AVX2_TU
-  if (cpu::use_avx2()) return cpu::avx2::backward_f32(p, io);
+  if (cpu::use_avx2()) return cpu::avx2::backward_f32(p);
 #endif
-  cpu::generic::backward_f32(p, io);
+  cpu::generic::backward_f32(p);
 }
 
 }  // namespace tilecl

@@ -36,8 +36,8 @@ const char* mode_name(int mode) {
 
 
 template <typename Tin, int MODE, bool DIST>
-void launch(const Problem& p, const KParams& kp, bool grad_out, cudaStream_t stream) {
-  const LaunchPlan pl = plan_launch(MODE, p.n, p.m, p.d, sizeof(Tin), DIST, grad_out);
+void launch(const KParams& kp, bool grad_out, cudaStream_t stream) {
+  const LaunchPlan pl = plan_launch(MODE, kp.n, kp.m, kp.d, sizeof(Tin), DIST, grad_out);
   if (pl.grid_x <= 0 || pl.grid_y <= 0) return;
   if (pl.grid_x > 0x7fffffffLL || pl.grid_y > 0xffffLL)
     throw std::runtime_error("tilecl CUDA: too many blocks");
@@ -56,18 +56,18 @@ void launch(const Problem& p, const KParams& kp, bool grad_out, cudaStream_t str
 
 // dtype code and logit kind -> template parameters (the BOOL_SWITCH of the CUDA side)
 template <int MODE>
-void run_mode(const Problem& p, const KParams& kp, bool grad_out, cudaStream_t stream) {
-  const bool dist = p.spec.logit == LOGIT_DIST;
-  switch (p.dtype) {
+void run_mode(const KParams& kp, bool grad_out, cudaStream_t stream) {
+  const bool dist = kp.spec.logit == LOGIT_DIST;
+  switch (kp.dtype) {
     case DT_F32:
-      return dist ? launch<float, MODE, true>(p, kp, grad_out, stream)
-                  : launch<float, MODE, false>(p, kp, grad_out, stream);
+      return dist ? launch<float, MODE, true>(kp, grad_out, stream)
+                  : launch<float, MODE, false>(kp, grad_out, stream);
     case DT_F16:
-      return dist ? launch<__half, MODE, true>(p, kp, grad_out, stream)
-                  : launch<__half, MODE, false>(p, kp, grad_out, stream);
+      return dist ? launch<__half, MODE, true>(kp, grad_out, stream)
+                  : launch<__half, MODE, false>(kp, grad_out, stream);
     case DT_BF16:
-      return dist ? launch<__nv_bfloat16, MODE, true>(p, kp, grad_out, stream)
-                  : launch<__nv_bfloat16, MODE, false>(p, kp, grad_out, stream);
+      return dist ? launch<__nv_bfloat16, MODE, true>(kp, grad_out, stream)
+                  : launch<__nv_bfloat16, MODE, false>(kp, grad_out, stream);
     default:
       throw std::invalid_argument("tilecl CUDA: float32, float16 and bfloat16 inputs only");
   }
@@ -75,20 +75,18 @@ void run_mode(const Problem& p, const KParams& kp, bool grad_out, cudaStream_t s
 
 }  // namespace
 
-void cuda_forward(const Problem& p, const ForwardOut& out, void* stream) {
+void cuda_forward(const Problem& p, void* stream) {
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  KParams kp = make_params(p);
-  set_outputs(kp, out);
-  run_mode<MODE_FWD_ROWS>(p, kp, false, s);
-  if (p.spec.col_lse) run_mode<MODE_FWD_COLS>(p, kp, false, s);
+  const KParams kp = typed<float>(p);
+  run_mode<MODE_FWD_ROWS>(kp, false, s);
+  if (p.spec.col_lse) run_mode<MODE_FWD_COLS>(kp, false, s);
 }
 
-void cuda_backward(const Problem& p, const BackwardIO& io, void* stream) {
+void cuda_backward(const Problem& p, void* stream) {
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  KParams kp = make_params(p);
-  set_io(kp, io);
-  if (kp.dq || kp.gx || kp.gsum) run_mode<MODE_BWD_DQ>(p, kp, kp.dq != nullptr, s);
-  if (kp.dk) run_mode<MODE_BWD_DK>(p, kp, true, s);
+  const KParams kp = typed<float>(p);
+  if (kp.dq || kp.gx || kp.gsum) run_mode<MODE_BWD_DQ>(kp, kp.dq != nullptr, s);
+  if (kp.dk) run_mode<MODE_BWD_DK>(kp, true, s);
 }
 
 }  // namespace tilecl

@@ -222,8 +222,8 @@ def backward(spec: TileSpec, q, k, alpha, bias, aux: TileAux, stats, col, g_stat
 
 # ---- NVRTC fallback: the same device code (tilecl._C.rtc_source()) through CuPy's RawModule ----
 # Used for CUDA tensors when tilecl._C was built without nvcc. The kernels take a pointer to a
-# KParams (csrc/tile_math.h) in device memory, whose bytes tilecl._C.kparams builds with the
-# same make_params as the nvcc launches (one layout, host and device).
+# Problem (csrc/tile_math.h, the KParams view) in device memory, whose bytes tilecl._C.kparams
+# builds from the same struct the nvcc launches pass by value (one layout, host and device).
 
 _RTC_MODES = {"fwd_rows": 0, "fwd_cols": 1, "bwd_dq": 2, "bwd_dk": 3}
 _RTC_TYPES = {0: "float", 2: "__half", 3: "__nv_bfloat16"}
