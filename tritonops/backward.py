@@ -159,6 +159,13 @@ def _grad_dot(b_h, b_v, b_acc, H16: tl.constexpr, HSCALE: tl.constexpr, PRECISIO
 
 
 @triton.jit
+def _load_chunk(x_ptr, o_r, m_r, s_r, s_d, o_d, m_d):
+    """Rows o_r of x [R, D] at the D chunk o_d: [len(o_r), BD] in x's dtype, 0 outside."""
+    return tl.load(x_ptr + o_r[:, None] * s_r + o_d[None, :] * s_d,
+                   mask=m_r[:, None] & m_d[None, :], other=0.0)
+
+
+@triton.jit
 def _dk_pass(q_ptr, k_ptr, side, shape, strides, D, SPEC: tl.constexpr, saved, out_ptr, s_on,
              s_od, i_p, o_d, m_d, bias, PRECISION: tl.constexpr,
              PRECISION2: tl.constexpr, UPCAST: tl.constexpr, H16: tl.constexpr,
@@ -179,14 +186,12 @@ def _dk_pass(q_ptr, k_ptr, side, shape, strides, D, SPEC: tl.constexpr, saved, o
         b_x, b_G, b_h, m_allowed, m_y = _tile_backward(
             q_ptr, k_ptr, side, shape, strides, D, o_m, m_m, o_n, m_n, a_i, bias, rows, cols,
             SPEC, PRECISION, UPCAST, BM, BN, BK)
-        p_q = q_ptr + o_m[:, None] * strides.qn + o_d[None, :] * strides.qd
-        b_q = tl.load(p_q, mask=m_m[:, None] & m_d[None, :], other=0.0)
+        b_q = _load_chunk(q_ptr, o_m, m_m, strides.qn, strides.qd, o_d, m_d)
         b_acc = _grad_dot(tl.trans(b_h), b_q, b_acc, H16, HSCALE, PRECISION2)  # [BN, BM] @ [BM, BD]
         if SPEC.DIST:
             b_hs += tl.sum(b_h, axis=0)
     if SPEC.DIST:  # dk_j = sum_i H_ij q_i - (sum_i H_ij) k_j
-        p_k = k_ptr + o_n[:, None] * strides.kn + o_d[None, :] * strides.kd
-        b_k = tl.load(p_k, mask=m_n[:, None] & m_d[None, :], other=0.0).to(tl.float32)
+        b_k = _load_chunk(k_ptr, o_n, m_n, strides.kn, strides.kd, o_d, m_d).to(tl.float32)
         b_acc -= b_hs[:, None] * b_k
     p_o = out_ptr + o_n[:, None] * s_on + o_d[None, :] * s_od
     tl.store(p_o, b_acc, mask=m_n[:, None] & m_d[None, :])
@@ -217,8 +222,7 @@ def _dq_pass(q_ptr, k_ptr, side, shape, strides, D, SPEC: tl.constexpr, saved, o
         b_x, b_G, b_h, m_allowed, m_y = _tile_backward(
             q_ptr, k_ptr, side, shape, strides, D, o_m, m_m, o_n, m_n, a_i, bias, rows, cols,
             SPEC, PRECISION, UPCAST, BM, BN, BK)
-        p_k = k_ptr + o_n[:, None] * strides.kn + o_d[None, :] * strides.kd
-        b_k = tl.load(p_k, mask=m_n[:, None] & m_d[None, :], other=0.0)
+        b_k = _load_chunk(k_ptr, o_n, m_n, strides.kn, strides.kd, o_d, m_d)
         b_acc = _grad_dot(b_h, b_k, b_acc, H16, HSCALE, PRECISION2)  # [BM, BN] @ [BN, BD]
         if SPEC.DIST:
             b_hs += tl.sum(b_h, axis=1)
@@ -228,9 +232,8 @@ def _dq_pass(q_ptr, k_ptr, side, shape, strides, D, SPEC: tl.constexpr, saved, o
         if FWD_STATS:  # the loss statistic once per tile: in the first D chunk, which stores it
             if i_d == 0:
                 b_sig += _softplus_sum(b_x, m_allowed, m_y)
-    p_q = q_ptr + o_m[:, None] * strides.qn + o_d[None, :] * strides.qd
     if SPEC.DIST:  # dq_i = sum_j H_ij k_j - (sum_j H_ij) q_i
-        b_q = tl.load(p_q, mask=m_m[:, None] & m_d[None, :], other=0.0).to(tl.float32)
+        b_q = _load_chunk(q_ptr, o_m, m_m, strides.qn, strides.qd, o_d, m_d).to(tl.float32)
         b_acc -= b_hs[:, None] * b_q
     p_o = out_ptr + o_m[:, None] * s_on + o_d[None, :] * s_od
     tl.store(p_o, b_acc, mask=m_m[:, None] & m_d[None, :])
