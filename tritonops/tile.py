@@ -163,7 +163,8 @@ def _tile(q_ptr, k_ptr, side, shape, strides, D, o_m, m_m, o_n, m_n, a_i, bias,
     """Everything of one [BM, BN] tile that the statistics and their gradients read: the logits
     x, the inner quantity (<q_i, k_j> or d2_ij), the masks (allowed, positive) and the weights.
     Every pass (forward rows and columns, backward dq and dk, the H tiles) recomputes it the same
-    way (a pass that reads no weight leaves them to dead-code elimination)."""
+    way. A pass that reads no weight leaves them to dead-code elimination: the forward's column
+    pass compiles to the same TTGIR for every WEIGHT (checked for sm_90, bf16)."""
     b_x, b_inner = _tile_logits(q_ptr, k_ptr, strides, D, o_m, m_m, o_n, m_n, a_i, bias, SPEC,
                                 PRECISION, UPCAST, BM, BN, BK)
     m_allowed, m_y = _tile_masks(side, shape.col_offset, o_m, m_m, o_n, m_n, b_x, SPEC)

@@ -92,9 +92,8 @@ def _inputs(spec: TileSpec, q, k, alpha, bias, aux: TileAux) -> "Head":
     wb = aux.wb if spec.weight == "lowrank" else _dummy(dev, torch.float32).view(1, 1)
     side = Side(a, b, excl, pos, labq, labk, thr, w, wa, wb)
     shape = Shape(q.shape[0], k.shape[0], w.shape[1], wa.shape[1], int(aux.col_offset))
-    strides = Strides(q.stride(0), q.stride(1), k.stride(0), k.stride(1), s_a,
-                           w.stride(0), w.stride(1), wa.stride(0), wa.stride(1), wb.stride(0),
-                           wb.stride(1))
+    strides = Strides(q.stride(0), q.stride(1), k.stride(0), k.stride(1), s_a, w.stride(0),
+                      w.stride(1), wa.stride(0), wa.stride(1), wb.stride(0), wb.stride(1))
     return Head(q, k, side, shape, strides, q.shape[1], kernel_spec(spec, aux, bias))
 
 
